@@ -1,0 +1,162 @@
+"""The backend interface: three services the engine builds every semantic from.
+
+A backend is a work queue, a shared store and named locks.  Nothing here knows
+about runs, fan-in or progress: those live once, in ``packmule``.  A third
+party's backend subclasses :class:`Backend`, registers it under the entry point
+group ``packmule.backends``, and runs ``packmule.conformance`` against it.
+
+Units: seconds everywhere, as floats; a backend that works in whole seconds
+rounds *up* (never down to 0).  Every method may raise
+``packmule.BackendUnavailable`` naming the server and the setting that chose it;
+no backend-native exception crosses this boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+
+class Put(NamedTuple):
+    """One job to queue: its body, its time-to-run, a delay before it is ready,
+    and the shard key that picks its server (equal keys, equal server)."""
+
+    shard: str
+    body: bytes
+    ttr: float
+    delay: float = 0.0
+
+
+class Reserved(NamedTuple):
+    """A job handed to this consumer: an opaque handle for ack/release/bury/touch,
+    the body exactly as put, and the server that holds it."""
+
+    handle: Any
+    body: bytes
+    server: str
+
+
+class QueueStats(NamedTuple):
+    ready: int
+    reserved: int
+    delayed: int
+    buried: int
+    workers: int  # consumers watching the queue now
+
+
+class Queue(abc.ABC):
+    """A work queue with time-to-run.  A reserved job belongs to its consumer
+    until it is acked, released, buried, or its time-to-run passes (or the
+    consumer's connection/process dies): then it is ready again for anyone."""
+
+    @abc.abstractmethod
+    def server_for(self, shard: str) -> str:
+        """The ``'host:port'`` (or ``'local:PID'``) that a job with this shard key
+        goes to.  Pure: no I/O, same answer for the same key."""
+
+    @abc.abstractmethod
+    def put_many(self, jobs: Sequence[Put]) -> None:
+        """Queue every job, in order, in as few round trips as the transport allows.
+        Not atomic: on error some may be queued; callers rely on idempotent jobs.
+        Raises ``ValueError`` for a body the server cannot hold (too large)."""
+
+    @abc.abstractmethod
+    def reserve_many(self, max_count: int, timeout: float) -> list[Reserved]:
+        """Reserve up to ``max_count`` ready jobs.  Blocks at most ``timeout``
+        seconds for the first; returns ``[]`` if none became ready.  Never
+        returns more than ``max_count``.  Each job's time-to-run starts now."""
+
+    @abc.abstractmethod
+    def ack_many(self, handles: Sequence[Any]) -> None:
+        """Delete these reserved jobs for good.  A handle whose reservation has
+        lapsed (time-to-run passed, job given to another) is ignored: acking
+        never deletes a job that another consumer holds."""
+
+    @abc.abstractmethod
+    def release(self, handle: Any, delay: float) -> None:
+        """Give a reserved job back, ready after ``delay`` seconds.  Lapsed: ignored."""
+
+    @abc.abstractmethod
+    def bury(self, handle: Any) -> None:
+        """Set a reserved job aside: never reserved again, counted in ``stats().buried``.
+        Lapsed: ignored."""
+
+    @abc.abstractmethod
+    def touch(self, handle: Any) -> None:
+        """Restart the job's time-to-run.  Lapsed: ignored."""
+
+    @abc.abstractmethod
+    def stats(self) -> QueueStats:
+        """Counts across all servers of this queue."""
+
+
+class Store(abc.ABC):
+    """A shared key-value store.  Keys are ``str`` of at most 250 bytes once
+    encoded (a backend may hash longer ones, consistently); values are ``bytes``
+    (counters are ints).  Each single-key operation is atomic (linearizable);
+    a *bulk* call is a sequence of single-key operations, not a transaction.
+    ``ttl`` is seconds until the key expires (0: the backend's longest)."""
+
+    @abc.abstractmethod
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The present keys with their values; absent keys are left out.
+        Counters read back as their decimal ``bytes``."""
+
+    @abc.abstractmethod
+    def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        """Store every item, overwriting."""
+
+    @abc.abstractmethod
+    def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
+        """Store each item only if its key is absent, atomically per key.
+        Returns the keys this call added: among concurrent adds of one key,
+        exactly one caller sees it in its result.  An int value makes a counter."""
+
+    @abc.abstractmethod
+    def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
+        """Add each (non-negative) delta to its counter atomically and return the
+        new values.  A missing key is NOT created: its result is ``None`` (the
+        engine reads that as lost state).  Among concurrent increments of one key
+        each result is distinct and the last equals the sum."""
+
+    @abc.abstractmethod
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove the keys; absent ones are ignored."""
+
+
+class Backend(abc.ABC):
+    """A queue, a store and named locks, plus the secret that signs what they carry."""
+
+    name: str  # e.g. 'local' or 'beanstalk'
+    queue: Queue
+    store: Store
+
+    @classmethod
+    @abc.abstractmethod
+    def from_env(cls, env: Mapping[str, str]) -> Backend:
+        """Build the backend from ``PACKMULE_*`` variables (see ``packmule._config``).
+        Connects lazily: an unreachable server fails at first use, naming it."""
+
+    @abc.abstractmethod
+    def secret(self) -> bytes:
+        """The HMAC key shared by every process of this backend."""
+
+    @abc.abstractmethod
+    def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
+        """A mutex shared by every process of the backend, held for the ``with``
+        block and released when the block exits or the holder's process dies.
+        Raises ``TimeoutError`` if not acquired within ``timeout`` seconds
+        (``None``: wait forever) and ``BackendUnavailable`` if the lock service
+        cannot be reached."""
+
+    def ensure_workers(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Make sure something serves the queue, if this backend starts workers itself."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Release connections (and stop workers this backend started)."""
+
+    def __getstate__(self) -> Any:
+        raise TypeError("a backend is not serialized with a job; jobs find theirs from the environment")
+

@@ -1,0 +1,37 @@
+"""A local worker process: ``python -m packmule.backends.local.worker``, started
+by the local coordinator with its address and secret in the environment."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from packmule._worker import serve
+from packmule.backends import local
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("PACKMULE_LOG_LEVEL", "WARNING"),
+                        format=f"packmule worker {os.getpid()}: %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the running batch, then exit
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal goes to the coordinator
+    try:
+        client = local.LocalClient(os.environ[local.ADDRESS_VAR], bytes.fromhex(os.environ[local.SECRET_VAR]),
+                                   role="worker")
+    except Exception as exc:
+        print(f"packmule local worker: cannot reach the coordinator: {exc}", file=sys.stderr)
+        return 1
+    local._client = client  # jobs that build a Runner reach the backend through this same connection
+    try:
+        serve(client, stop)
+    except local.BackendUnavailable:
+        return 0  # the coordinator ended: so do we
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

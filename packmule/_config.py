@@ -1,0 +1,102 @@
+"""Configuration: every environment variable packmule reads, read here, only when
+a backend is built (never at import time).
+
+=====================  ==========================================================
+PACKMULE_BACKEND       ``local`` (default) or ``beanstalk``, or any name registered
+                       under the ``packmule.backends`` entry point group
+PACKMULE_WORKERS       local: worker processes to start (default: CPU count)
+PACKMULE_BEANSTALKD    beanstalk: ``host:port,host:port`` (default 127.0.0.1:11300)
+PACKMULE_MEMCACHED     beanstalk: ``host:port,...`` (default 127.0.0.1:11211)
+PACKMULE_ZOOKEEPER     beanstalk: ``host:port,...`` (default 127.0.0.1:2181)
+PACKMULE_TUBE          beanstalk: the tube jobs go to (default ``packmule``)
+PACKMULE_SECRET        beanstalk: the HMAC key every process shares
+PACKMULE_INSECURE      beanstalk: ``1`` to run without a secret on private servers
+PACKMULE_STATE_TTL     seconds a run's state is kept in the store (default 7 days)
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from packmule.backends.base import Backend
+
+DEFAULT_BACKEND = "local"
+DEFAULT_STATE_TTL = 7 * 24 * 3600.0  # memcached caps relative expiry at 30 days
+ENTRY_POINT_GROUP = "packmule.backends"
+
+_cache: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
+_cache_lock = threading.Lock()
+
+
+def state_ttl(env: Mapping[str, str] | None = None) -> float:
+    env = os.environ if env is None else env
+    raw = env.get("PACKMULE_STATE_TTL", "")
+    try:
+        return float(raw) if raw else DEFAULT_STATE_TTL
+    except ValueError:
+        raise ValueError(f"PACKMULE_STATE_TTL={raw!r} is not a number of seconds") from None
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered under ``name`` in the entry point group."""
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    for ep in found:
+        cls: type[Backend] = ep.load()
+        return cls
+    known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    raise ValueError(
+        f"unknown packmule backend {name!r} (from PACKMULE_BACKEND or backend=); "
+        f"installed backends: {', '.join(known) or 'none - is packmule installed (pip install -e .)?'}"
+    )
+
+
+def get_backend(spec: object = None) -> Backend:
+    """The backend for ``spec``: a Backend object (returned as is), a name, or
+    None for ``PACKMULE_BACKEND``.  One instance per name and settings per process."""
+    from packmule.backends.base import Backend
+
+    if isinstance(spec, Backend):
+        return spec
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"backend= takes a Backend or a backend name, not {type(spec).__name__}")
+    env = dict(os.environ)
+    name = spec or env.get("PACKMULE_BACKEND") or DEFAULT_BACKEND
+    settings = tuple(sorted((k, v) for k, v in env.items() if k.startswith("PACKMULE_")))
+    key = (name, settings)
+    with _cache_lock:
+        backend = _cache.get(key)
+        if backend is None:
+            backend = backend_class(name).from_env(env)
+            _cache[key] = backend
+        return backend
+
+
+def forget_backends() -> None:
+    """Close and drop every cached backend (tests; after fork)."""
+    with _cache_lock:
+        backends = list(_cache.values())
+        _cache.clear()
+    for backend in backends:
+        backend.close()
+
+
+def split_servers(value: str, variable: str) -> list[tuple[str, int]]:
+    """``'h1:p1,h2:p2'`` -> ``[('h1', p1), ('h2', p2)]``, or a ValueError naming the variable."""
+    servers = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{variable}={value!r}: {part!r} is not host:port")
+        servers.append((host, int(port)))
+    if not servers:
+        raise ValueError(f"{variable} is empty; give host:port[,host:port...]")
+    return servers

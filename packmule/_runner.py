@@ -1,0 +1,422 @@
+"""``Runner``: the class users subclass.  Everything here is the driver's side;
+the worker's side is ``packmule._engine``."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import cloudpickle
+
+from packmule import _config
+from packmule._codec import Signer, dumps
+from packmule._engine import JobContext, Spec, current
+from packmule._errors import Cancelled, NotReady, NoWorkers, RunStateLost, ValuesNotRecorded
+from packmule._state import GONE, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_key
+from packmule._types import JobRef, Progress, Task
+from packmule.backends.base import Backend, Put
+
+log = logging.getLogger("packmule")
+
+POLL_MIN, POLL_MAX = 0.001, 0.1  # s: how often a blocking wait looks again
+NO_WORKERS_WARN, NO_WORKERS_RAISE = 2.0, 6.0  # s without a worker while jobs wait
+STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
+PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
+_stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
+
+
+@functools.lru_cache(maxsize=None)
+def signer_for(backend: Backend) -> Signer:
+    return Signer(backend.secret())
+
+
+class Runner:
+    """Subclass me; call ``enqueue``/``enqueue_each``/``deferred_result`` in your
+    methods.  Class attributes are the defaults of the options of the same name."""
+
+    record_return_values: bool = False
+    push_progress_updates: bool = False
+    time_to_run: float = 120.0
+    max_retries: int = 3
+    retry_delay: float = 1.0  # s before the first retry; doubles each time
+    wait_timeout: float | None = None  # s a blocking deferred_result waits (None: no limit)
+
+    def __init__(self, name: str | None = None, push_progress_updates: bool = False, *,
+                 record_return_values: bool | None = None, time_to_run: float | None = None,
+                 max_retries: int | None = None, retry_delay: float | None = None,
+                 backend: Backend | str | None = None) -> None:
+        self.name = check_name(name) if name is not None else f"run-{uuid.uuid4().hex[:16]}"
+        self.push_progress_updates = bool(push_progress_updates)
+        if record_return_values is not None:
+            self.record_return_values = bool(record_return_values)
+        if time_to_run is not None:
+            self.time_to_run = time_to_run
+        if max_retries is not None:
+            self.max_retries = max_retries
+        if retry_delay is not None:
+            self.retry_delay = retry_delay
+        self._options()  # refuse bad values now, not at the first enqueue
+        if backend is not None and not isinstance(backend, (Backend, str)):
+            raise TypeError(f"backend= takes a Backend or a backend name, not {type(backend).__name__}")
+        self._pm_init(backend)
+
+    def _pm_init(self, backend: Backend | str | None = None) -> None:
+        self._pm_backend_spec = backend
+        self._pm_backend: Backend | None = backend if isinstance(backend, Backend) else None
+        self._pm_gen: str | None = None  # the generation this instance is adding to
+        self._pm_progress = Progress(0, 0)
+        self._pm_pusher: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_pm_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pm_init()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # --- plumbing ------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        if self._pm_backend is None:
+            self._pm_backend = _config.get_backend(self._pm_backend_spec)
+        return self._pm_backend
+
+    def _state(self) -> RunState:
+        return RunState(self.backend, signer_for(self.backend), self.name, _config.state_ttl())
+
+    def _options(self) -> tuple[float, int, float, bool]:
+        ttr, retries, delay = self.time_to_run, self.max_retries, self.retry_delay
+        if isinstance(ttr, bool) or not isinstance(ttr, (int, float)) or not ttr > 0:
+            raise ValueError(f"time_to_run must be a positive number of seconds, not {ttr!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, not {retries!r}")
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+            raise ValueError(f"retry_delay must be a number of seconds >= 0, not {delay!r}")
+        return float(ttr), retries, float(delay), bool(self.record_return_values)
+
+    def _check_method(self, method_name: str) -> None:
+        if not isinstance(method_name, str):
+            raise TypeError(f"method name must be a str, not {type(method_name).__name__}")
+        attr = getattr(type(self), method_name, None)
+        if method_name.startswith("_pm_") or not callable(attr):
+            raise ValueError(f"{type(self).__name__} has no method {method_name!r} to run as a job")
+
+    def _serialize(self, what: str, obj: Any) -> bytes:
+        try:
+            return dumps(obj)
+        except Exception as exc:
+            raise TypeError(f"{type(self).__name__}: cannot serialize {what} ({type(exc).__name__}: {exc}); "
+                            "jobs, arguments and return values must be picklable by cloudpickle") from exc
+
+    def _runner_blob(self) -> tuple[str, bytes]:
+        try:
+            payload = cloudpickle.dumps(self, 5)
+        except Exception as exc:
+            raise TypeError(f"cannot serialize the runner {self!r} ({type(exc).__name__}: {exc}); "
+                            "every attribute of a runner must be picklable by cloudpickle") from exc
+        digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
+        return digest, signer_for(self.backend).sign(payload)
+
+    def _job_context(self) -> JobContext | None:
+        """The running job, if this call is made inside a job of this same run."""
+        ctx = current.get()
+        if ctx is not None and ctx.task.name == self.name and ctx.backend is self.backend:
+            return ctx
+        return None
+
+    # --- enqueue ---------------------------------------------------------------------
+    def enqueue(self, method_name: str, *args: Any, **kwargs: Any) -> JobRef:
+        """Queue ``self.method_name(*args, **kwargs)`` as a job; returns its JobRef."""
+        return self._enqueue(method_name, [(args, kwargs)])[0]
+
+    def enqueue_each(self, method_name: str, items: Iterable[Any], *args: Any, **kwargs: Any) -> list[JobRef]:
+        """``enqueue(method_name, item, *args, **kwargs)`` for each item, in bulk."""
+        return self._enqueue(method_name, [((item, *args), kwargs) for item in items])
+
+    def _enqueue(self, method: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[JobRef]:
+        self._check_method(method)
+        ttr, retries, delay, record = self._options()
+        blobs = [self._serialize(f"the arguments of {method}{call[0]!r}"[:300], call) for call in calls]
+        digest, runner_blob = self._runner_blob()
+        backend = self.backend
+        ctx = self._job_context()
+        if ctx is not None:  # inside a job of this run: committed when the job returns
+            gen = ctx.task.gen
+            ctx.blobs[digest] = runner_blob
+            refs = []
+            for blob in blobs:
+                path = ctx.next_path()
+                ctx.child_index[path] = len(ctx.children)
+                ctx.children.append(Task(self.name, gen, path, method, blob, digest, ttr, retries, delay,
+                                         record, ()))
+                refs.append(ref_for(backend, self.name, gen, path))
+            return refs
+        if not blobs:
+            return []
+        backend.ensure_workers()
+        state = self._state()
+        gen = self._pm_gen or state.start_or_join()
+        p = prefix(self.name, gen)
+        if (id(backend.store), digest) not in _stored_blobs:
+            backend.store.add_many({blob_key(digest): runner_blob}, state.ttl)
+            _stored_blobs.add((id(backend.store), digest))
+        n = len(blobs)
+        counters = backend.store.incr_many({p + "seq": n, p + "total": n})
+        last = counters.get(p + "seq")
+        if last is None or counters.get(p + "total") is None:
+            self._pm_gen = None
+            raise RunStateLost(f"run {self.name!r}: its state vanished from the store while jobs were "
+                               "being queued (store restarted or run forgotten); nothing was queued")
+        if self._pm_gen is None:
+            self._pm_gen = gen
+        paths = [str(i) for i in range(last - n + 1, last + 1)]
+        if last == n:  # the first outside enqueue of this generation: its root
+            backend.store.add_many({p + "root": paths[0].encode()}, state.ttl)
+        signer = signer_for(backend)
+        puts = []
+        refs = []
+        for path, blob in zip(paths, blobs):
+            task = Task(self.name, gen, path, method, blob, digest, ttr, retries, delay, record, ())
+            ref = ref_for(backend, self.name, gen, path)
+            puts.append(Put(ref.id, signer.sign(dumps(tuple(task))), ttr))
+            refs.append(ref)
+        backend.queue.put_many(puts)
+        return refs
+
+    # --- deferred_result -------------------------------------------------------------
+    def deferred_result(self, method_name: str, jobs: Iterable[JobRef], *args: Any, **kwargs: Any) -> Any:
+        """Call ``self.method_name(values, *args, **kwargs)`` once every job is
+        done.  Outside a job: blocks and returns the method's value.  Inside a job:
+        returns a JobRef to the continuation at once."""
+        self._check_method(method_name)
+        refs = list(jobs)
+        for ref in refs:
+            if not isinstance(ref, JobRef):
+                raise TypeError(f"deferred_result takes a list of JobRef, got {type(ref).__name__}: {ref!r}")
+        ctx = self._job_context()
+        if ctx is None:
+            values = self._wait_values(refs)
+            self._pm_gen = None  # the next outside enqueue starts (or joins) a run afresh
+            return getattr(self, method_name)(values, *args, **kwargs)
+        ttr, retries, delay, record = self._options()
+        call = self._serialize(f"the arguments of {method_name}", (args, kwargs))
+        digest, runner_blob = self._runner_blob()
+        ctx.blobs[digest] = runner_blob
+        path = ctx.next_path()
+        gen = ctx.task.gen
+        own: list[str] = []
+        for ref in refs:
+            name, rgen, rpath = ref.parts
+            if ((name, rgen) == (self.name, gen) and rpath not in own
+                    and (rpath in ctx.child_index or rpath in ctx.deferreds)):
+                own.append(rpath)
+        for rpath in own:
+            if rpath in ctx.child_index:
+                i = ctx.child_index[rpath]
+                child = ctx.children[i]
+                ctx.children[i] = child._replace(watchers=(*child.watchers, (path, len(own))))
+            else:
+                ctx.deferreds[rpath].watchers.append((path, len(own)))
+        ctx.deferreds[path] = Spec(method_name, [r.id for r in refs], call, digest, ttr, retries, delay,
+                                   record, len(own))
+        return ref_for(self.backend, self.name, gen, path)
+
+    def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
+        """Block until every ref has a value; the values in order, or the first failure."""
+        state = self._state()
+        ids = [r.id for r in refs]
+        recs: dict[str, tuple[Any, ...]] = {}
+        pending = list(dict.fromkeys(ids))
+        waiter = _Waiter(self, f"{len(ids)} jobs for deferred_result", self.wait_timeout)
+        trail: list[str] = []
+        while pending:
+            chunk = pending[:1000]
+            got = records(state.store, state.signer, chunk, trail)
+            recs.update(got)
+            pending = [i for i in pending if i not in got]
+            if pending and len(got) < len(chunk):
+                waiter.pause(f"{len(pending)} of {len(ids)} jobs not done")
+            elif got:
+                waiter.progressed()
+        values = [unwrap(recs[i], i) for i in ids]  # raises JobFailed for the first failed, in order
+        if not self.record_return_values:
+            gone = signer_for(self.backend).dumps(GONE)
+            self.backend.store.set_many({value_key(i): gone for i in [*ids, *trail]}, state.ttl)
+        return values
+
+    # --- reading a run ------------------------------------------------------------------
+    def _gen(self) -> str | None:
+        return self._pm_gen or self._state().current_gen()
+
+    def update_progress(self) -> Progress:
+        """Read the run's progress from the backend: ``'<done>.0 / <total>.0'``."""
+        gen = self._gen()
+        progress = Progress(0, 0) if gen is None else self._state().progress(gen)
+        assert progress is not None
+        self._pm_progress = progress
+        return progress
+
+    @property
+    def current_progress(self) -> Progress:
+        """With push_progress_updates: kept fresh in the background; otherwise the
+        value last read by update_progress()."""
+        if self.push_progress_updates and self._pm_pusher is None:
+            self._pm_pusher = threading.Thread(target=_push, args=(weakref.ref(self),), daemon=True,
+                                               name=f"packmule-progress-{self.name}")
+            self._pm_pusher.start()
+            self.update_progress()
+        return self._pm_progress
+
+    def get_return_value(self, ref: JobRef | None = None) -> Any:
+        """The value of the run's root job (or of ``ref``), JobRefs followed."""
+        if not self.record_return_values:
+            raise ValuesNotRecorded(f"{type(self).__name__} {self.name!r} does not record return values; "
+                                    "pass record_return_values=True (or set it on the class) to read them")
+        state = self._state()
+        if ref is None:
+            gen = self._gen()
+            if gen is None:
+                raise NotReady(f"run {self.name!r} has no jobs")
+            progress = state.progress(gen)
+            assert progress is not None
+            if not progress.complete:
+                if state.cancelled(gen):
+                    raise Cancelled(f"run {self.name!r} was cancelled at {progress}")
+                raise NotReady(f"run {self.name!r} is not complete: {progress}")
+            root = state.root_path(gen)
+            if root is None:
+                raise RunStateLost(f"run {self.name!r}: its root job is gone from the store")
+            ref = ref_for(self.backend, self.name, gen, root)
+        elif not isinstance(ref, JobRef):
+            raise TypeError(f"get_return_value takes a JobRef, not {type(ref).__name__}")
+        rec = state.records([ref.id]).get(ref.id)
+        if rec is None:
+            raise NotReady(f"job {ref.id} has no value yet")
+        return unwrap(rec, ref.id)
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> Progress:
+        """Block until the run is complete; returns its final Progress."""
+        waiter = _Waiter(self, "the run to complete", timeout)
+        bar = None
+        try:
+            while True:
+                now = self.update_progress()
+                if progress:
+                    bar = bar or _bar(self.name)
+                    bar.total, bar.n = now.total, now.done
+                    bar.refresh()
+                if now.complete:
+                    return now
+                if now.total == 0:
+                    raise NotReady(f"run {self.name!r} has no jobs to wait for")
+                waiter.pause(f"{now}")
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # --- coordination ---------------------------------------------------------------------
+    def lock(self, name: str, timeout: float | None = None) -> AbstractContextManager[None]:
+        """A mutex shared by every worker of the backend."""
+        return self.backend.lock(check_name(name, "lock name"), timeout)
+
+    def touch(self) -> None:
+        """Inside a job: restart its time_to_run.  Outside a job: nothing to do."""
+        ctx = current.get()
+        if ctx is not None:
+            ctx.backend.queue.touch(ctx.handle)
+
+    def cancel(self) -> None:
+        """Drop the run's jobs not yet started; waiting on the run raises Cancelled."""
+        gen = self._gen()
+        if gen is not None:
+            self.backend.store.set_many({prefix(self.name, gen) + "cancel": b"1"}, _config.state_ttl())
+
+    def forget(self) -> None:
+        """Remove the run's state so the name starts afresh; its leftovers expire."""
+        gen = self._gen()
+        keys = [f"pm:{self.name}"]
+        if gen is not None:
+            p = prefix(self.name, gen)
+            keys += [p + k for k in ("total", "done", "failed", "seq", "root", "cancel")]
+        self.backend.store.delete_many(keys)
+        self._pm_gen = None
+        self._pm_progress = Progress(0, 0)
+
+
+class _Waiter:
+    """The pacing of a blocking wait: backoff, timeout, cancel/lost checks, no-worker
+    detection, and a log line now and then saying what it waits for."""
+
+    def __init__(self, runner: Runner, what: str, timeout: float | None) -> None:
+        self.runner, self.what, self.timeout = runner, what, timeout
+        self.start = self.last_check = self.last_said = time.monotonic()
+        self.delay = POLL_MIN
+        self.idle_since: float | None = None
+
+    def progressed(self) -> None:
+        self.delay = POLL_MIN
+
+    def pause(self, status: str) -> None:
+        now = time.monotonic()
+        name = self.runner.name
+        if self.timeout is not None and now - self.start >= self.timeout:
+            raise TimeoutError(f"run {name!r}: waited {self.timeout:g}s for {self.what}; {status}")
+        if now - self.last_check >= 0.5:
+            self.last_check = now
+            self._check(now, status)
+        if now - self.last_said >= STILL_WAITING_EVERY:
+            self.last_said = now
+            log.info("run %r: still waiting for %s (%s)", name, self.what, status)
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, POLL_MAX)
+
+    def _check(self, now: float, status: str) -> None:
+        runner = self.runner
+        gen = runner._gen()
+        if gen is not None:
+            state = runner._state()
+            state.progress(gen)  # raises RunStateLost
+            if state.cancelled(gen):
+                raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
+        stats = runner.backend.queue.stats()
+        if stats.workers > 0 or not (stats.ready or stats.delayed):
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or now
+        idle = now - self.idle_since
+        hint = getattr(runner.backend, "worker_hint", "start workers for this backend")
+        if idle >= NO_WORKERS_RAISE:
+            raise NoWorkers(f"run {runner.name!r}: no worker has served the queue for {idle:.0f}s while "
+                            f"{stats.ready} jobs wait ({status}); {hint}")
+        if idle >= NO_WORKERS_WARN and idle - 0.5 < NO_WORKERS_WARN:
+            log.warning("run %r: no worker serves the queue (%d jobs wait); %s", runner.name, stats.ready, hint)
+
+
+def _bar(name: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=0, desc=name, unit="job")
+
+
+def _push(ref: weakref.ReferenceType[Runner]) -> None:
+    while True:
+        runner = ref()
+        if runner is None:
+            return
+        try:
+            runner.update_progress()
+        except Exception as exc:  # keep the last value; the next read will say what is wrong
+            log.debug("progress refresh for %r failed: %r", runner.name, exc)
+        del runner
+        time.sleep(PUSH_EVERY)

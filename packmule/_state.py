@@ -1,0 +1,186 @@
+"""A run's state in the store: the key layout, and the reads and writes the
+driver makes (start or join a run, read progress, read values).
+
+Keys (``P`` = ``pm:<name>:<gen>:``)::
+
+    pm:<name>            the run's current generation (``forget`` deletes it)
+    pm:<name>:next:<g>   the generation that replaced the complete run ``g``
+    P total|done|failed  counters (created with the generation; missing = lost)
+    P seq                counter that numbers jobs queued from outside any job
+    P root               path of the first job queued from outside any job
+    P cancel             present once the run is cancelled
+    P v:<path>           the job's value record; its add is the job's completion
+    P cm:<path>          the job's enqueues were committed (its add counts total once)
+    P n:<path>           a continuation's arrived-inputs counter
+    P spec:<path>        a continuation's method, inputs and links
+    P try:<path>         failed attempts of a job
+    P f:<k>              path of the k-th failed job (for ``packmule status``)
+    pm-blob:<digest>     a pickled runner, stored once per state
+
+Value records (signed pickles): ``('ok', value)``, ``('ref', job id)``,
+``('err', failure info)``, ``('gone',)`` (consumed, not recorded).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from packmule._codec import Signer
+from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
+from packmule._types import JobRef, Progress
+from packmule.backends.base import Backend, Store
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
+GONE = ("gone",)
+
+
+def check_name(name: str, what: str = "run name") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"{what} {name!r} is not allowed: use 1 to 200 characters of letters, digits and _ - . :"
+        )
+    return name
+
+
+def prefix(name: str, gen: str) -> str:
+    return f"pm:{name}:{gen}:"
+
+
+def blob_key(digest: str) -> str:
+    return f"pm-blob:{digest}"
+
+
+def job_id(name: str, gen: str, path: str) -> str:
+    return f"{name}/{gen}/{path}"
+
+
+def value_key(ref_id: str) -> str:
+    name, gen, path = ref_id.split("/")
+    return f"{prefix(name, gen)}v:{path}"
+
+
+def new_gen() -> str:
+    return os.urandom(4).hex()
+
+
+class RunState:
+    """The driver's view of one run name on one backend."""
+
+    def __init__(self, backend: Backend, signer: Signer, name: str, ttl: float) -> None:
+        self.backend, self.signer, self.name, self.ttl = backend, signer, name, ttl
+        self.store = backend.store
+        self.pointer = f"pm:{name}"
+
+    # --- generations -------------------------------------------------------
+    def current_gen(self) -> str | None:
+        raw = self.store.get_many([self.pointer]).get(self.pointer)
+        return raw.decode() if raw is not None else None
+
+    def start_or_join(self) -> str:
+        """The generation an outside enqueue adds to: the current one if it is
+        still running, else a fresh one (the first caller's, among racers)."""
+        for _ in range(5):
+            gen = self.current_gen()
+            if gen is None:
+                fresh = self._create_gen()
+                if self.store.add_many({self.pointer: fresh.encode()}, self.ttl):
+                    return fresh
+                continue
+            progress = self.progress(gen, missing_ok=True)
+            if progress is None or progress.complete:
+                fresh = self._create_gen()
+                successor = f"pm:{self.name}:next:{gen}"
+                if self.store.add_many({successor: fresh.encode()}, self.ttl):
+                    self.store.set_many({self.pointer: fresh.encode()}, self.ttl)
+                    return fresh
+                won = self.store.get_many([successor]).get(successor)
+                if won is not None:
+                    return won.decode()
+                continue
+            return gen
+        raise RunStateLost(f"run {self.name!r}: its generation keeps changing under concurrent starts")
+
+    def _create_gen(self) -> str:
+        gen = new_gen()
+        p = prefix(self.name, gen)
+        self.store.add_many({p + "total": 0, p + "done": 0, p + "failed": 0, p + "seq": 0}, self.ttl)
+        return gen
+
+    # --- progress ----------------------------------------------------------
+    def progress(self, gen: str, missing_ok: bool = False) -> Progress | None:
+        p = prefix(self.name, gen)
+        got = self.store.get_many([p + "total", p + "done", p + "failed"])
+        if len(got) < 3:
+            if missing_ok:
+                return None
+            raise RunStateLost(
+                f"run {self.name!r} (generation {gen}): its counters are gone from the store "
+                "(restarted, evicted, or forgotten); the run cannot complete"
+            )
+        return Progress(int(got[p + "done"]), int(got[p + "total"]), int(got[p + "failed"]))
+
+    def cancelled(self, gen: str) -> bool:
+        key = prefix(self.name, gen) + "cancel"
+        return key in self.store.get_many([key])
+
+    def root_path(self, gen: str) -> str | None:
+        key = prefix(self.name, gen) + "root"
+        raw = self.store.get_many([key]).get(key)
+        return raw.decode() if raw is not None else None
+
+    def records(self, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        return records(self.store, self.signer, ids)
+
+
+def records(
+    store: Store, signer: Signer, ids: Sequence[str], trail: list[str] | None = None
+) -> dict[str, tuple[Any, ...]]:
+    """Final value records of these job ids, following ``('ref', id)`` to the
+    end; ids whose value does not exist yet are left out.  ``trail`` collects
+    the ids passed through on the way (to mark them consumed)."""
+    pending = {i: i for i in ids}  # asked id -> id whose record we need now
+    out: dict[str, tuple[Any, ...]] = {}
+    for _ in range(1000):
+        if not pending:
+            return out
+        keys = {value_key(cur): asked for asked, cur in pending.items()}
+        got = store.get_many(list(keys))
+        nxt = {}
+        for key, asked in keys.items():
+            raw = got.get(key)
+            if raw is None:
+                continue
+            rec = signer.loads(raw)
+            if rec[0] == "ref":
+                nxt[asked] = rec[1]
+                if trail is not None:
+                    trail.append(rec[1])
+            else:
+                out[asked] = rec
+        pending = nxt
+    raise RunStateLost("a chain of 1000 JobRefs: does a job return a reference to itself?")
+
+
+def unwrap(record: Any, ref_id: str) -> Any:
+    """The value in a final record, or the error it stands for."""
+    kind = record[0]
+    if kind == "ok":
+        return record[1]
+    if kind == "err":
+        raise JobFailed(record[1])
+    if kind == "gone":
+        raise ValuesNotRecorded(
+            f"the value of {ref_id} was not recorded: the runner has record_return_values=False "
+            "(set it to True to read values with get_return_value)"
+        )
+    raise NotReady(f"{ref_id} has no value yet")
+
+
+def ref_for(backend: Backend, name: str, gen: str, path: str) -> JobRef:
+    jid = job_id(name, gen, path)
+    return JobRef(jid, backend.queue.server_for(jid))

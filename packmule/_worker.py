@@ -1,0 +1,37 @@
+"""The loop every worker process runs, whatever the backend: reserve a batch,
+run it, commit it; the batch grows while jobs are quick and shrinks when slow."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from packmule import _config
+from packmule._engine import Engine
+from packmule.backends.base import Backend
+
+log = logging.getLogger("packmule")
+
+MAX_BATCH = 256
+QUICK, SLOW = 0.01, 0.05  # s a batch may take before it grows / shrinks
+
+
+def serve(backend: Backend, stop: threading.Event, max_jobs: int | None = None,
+          reserve_timeout: float = 0.5) -> int:
+    """Serve the queue until ``stop`` is set (the running batch finishes first)
+    or ``max_jobs`` jobs have run; returns how many ran."""
+    engine = Engine(backend, _config.state_ttl())
+    batch, ran = 1, 0
+    while not stop.is_set() and (max_jobs is None or ran < max_jobs):
+        items = backend.queue.reserve_many(batch, reserve_timeout)
+        if not items:
+            continue
+        started = time.monotonic()
+        ran += engine.run_batch(items)
+        took = time.monotonic() - started
+        if took < QUICK:
+            batch = min(batch * 2, MAX_BATCH)
+        elif took > SLOW:
+            batch = max(1, batch // 2)
+    return ran
