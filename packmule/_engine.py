@@ -18,11 +18,11 @@ queue puts, then the ack.
 from __future__ import annotations
 
 import contextvars
-import logging
 import pickle
+import logging
 import time
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +32,14 @@ import cloudpickle
 from packmule._codec import Forged, Signer
 from packmule._errors import JobFailed
 from packmule._state import GONE, blob_key, job_id, prefix, records, value_key
-from packmule._types import JobRef, Task
+from packmule._types import JobRef
+from packmule._wire import Task, decode, encode
 from packmule.backends.base import Backend, Put, Reserved
 
 log = logging.getLogger("packmule")
 
 HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
+FAST = 0.002  # s: jobs of a method quicker than this on average run a whole bundle in one go
 POLL_DELAY = 0.25  # s: a continuation whose inputs are not all done checks again after this
 MAX_BACKOFF = 300.0  # s: the longest retry delay
 
@@ -48,7 +50,7 @@ class Spec:
 
     method: str
     inputs: list[str]  # job ids, in the order of deferred_result's list
-    call: bytes
+    call: tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs) after the values
     digest: str
     ttr: float
     max_retries: int
@@ -59,18 +61,18 @@ class Spec:
     watchers: list[tuple[str, int]] = field(default_factory=list)
 
 
-@dataclass
 class JobContext:
     """What a running job has buffered: the jobs it enqueued and its continuations."""
 
-    backend: Backend
-    task: Task
-    handle: Any
-    position: int = 0
-    children: list[Task] = field(default_factory=list)
-    child_index: dict[str, int] = field(default_factory=dict)  # path -> index in children
-    deferreds: dict[str, Spec] = field(default_factory=dict)
-    blobs: dict[str, bytes] = field(default_factory=dict)
+    __slots__ = ("backend", "task", "handle", "position", "children", "child_index", "deferreds", "blobs")
+
+    def __init__(self, backend: Backend, task: Task, handle: Any) -> None:
+        self.backend, self.task, self.handle = backend, task, handle
+        self.position = 0
+        self.children: list[Task] = []
+        self.child_index: dict[str, int] = {}  # path -> index in children
+        self.deferreds: dict[str, Spec] = {}
+        self.blobs: dict[str, bytes] = {}
 
     def next_path(self) -> str:
         path = f"{self.task.path}.{self.position}"
@@ -100,16 +102,22 @@ def _short_repr(args: Any) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-@dataclass
 class Outcome:
-    item: Reserved
-    task: Task
-    kind: str  # 'done' | 'raised' | 'poll' | 'ack' | 'bury' | 'handback'
-    record: tuple[Any, ...] | None = None
-    ctx: JobContext | None = None
-    handoff: str | None = None  # path of the own continuation the job returned
-    spec: Spec | None = None  # the task's own spec, when it is a continuation
-    consumed: list[str] = field(default_factory=list)  # value keys to mark gone (record=False)
+    """What became of one task in a batch."""
+
+    __slots__ = ("item", "task", "kind", "record", "ctx", "handoff", "spec", "consumed", "p")
+
+    def __init__(self, item: Reserved, task: Task, kind: str, record: tuple[Any, ...] | None = None,
+                 ctx: JobContext | None = None, handoff: str | None = None, spec: Spec | None = None,
+                 p: str | None = None) -> None:
+        self.item, self.task = item, task
+        self.kind = kind  # 'done' | 'raised' | 'retry' | 'poll' | 'ack' | 'bury' | 'handback'
+        self.record = record
+        self.ctx = ctx
+        self.handoff = handoff  # path of the own continuation the job returned
+        self.spec = spec  # the task's own spec, when it is a continuation
+        self.consumed: list[str] = []  # value keys to mark gone (record=False)
+        self.p = p or prefix(task.name, task.gen)
 
 
 class Engine:
@@ -120,13 +128,14 @@ class Engine:
         self.signer = Signer(backend.secret())
         self.queue, self.store = backend.queue, backend.store
         self._runners: dict[str, tuple[type, bytes]] = {}
+        self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
 
     # --- decoding ------------------------------------------------------------
     def decode(self, items: Sequence[Reserved]) -> list[tuple[Reserved, Task]]:
         out = []
         for item in items:
             try:
-                out.append((item, Task(*self.signer.loads(item.body))))
+                out += [(item, task) for task in decode(self.signer, item.body)]
             except Forged as exc:
                 log.warning("buried job %s on %s: %s; it was not unpickled", item.handle, item.server, exc)
                 self.queue.bury(item.handle)
@@ -150,7 +159,7 @@ class Engine:
         cls, state = cached
         obj = cls.__new__(cls)
         obj.__setstate__(pickle.loads(state))
-        obj._pm_backend = self.backend
+        obj.__dict__["_pm_backend"] = self.backend
         return obj
 
     # --- running ---------------------------------------------------------------
@@ -160,9 +169,12 @@ class Engine:
         if not tasks:
             return 0
         keys: set[str] = set()
-        for _, t in tasks:
+        per_item = Counter(id(item) for item, _ in tasks)
+        for item, t in tasks:
             p = prefix(t.name, t.gen)
-            keys.update((p + "total", p + "cancel", p + "v:" + t.path))
+            keys.update((p + "total", p + "cancel"))
+            if per_item[id(item)] == 1:  # a lone job may be a re-delivery of a completed one
+                keys.add(p + "v:" + t.path)
             if t.method is None:
                 keys.add(p + "spec:" + t.path)
             if t.digest not in self._runners:
@@ -179,13 +191,15 @@ class Engine:
         recs = records(self.store, self.signer, inputs, trail) if inputs else {}
 
         outcomes: list[Outcome] = []
+        tasks = self._split_unknown(tasks, outcomes)
         started = time.monotonic()
         ran = 0
+        prefixes: dict[tuple[str, str], str] = {}
         for n, (item, t) in enumerate(tasks):
             if n and time.monotonic() - started > HANDBACK_AFTER:
                 outcomes.extend(Outcome(i, tt, "handback") for i, tt in tasks[n:])
                 break
-            p = prefix(t.name, t.gen)
+            p = prefixes.get((t.name, t.gen)) or prefixes.setdefault((t.name, t.gen), prefix(t.name, t.gen))
             if p + "total" not in got:
                 log.warning("buried job %s: run %r has no state in the store (lost or forgotten)",
                             job_id(t.name, t.gen, t.path), t.name)
@@ -202,15 +216,31 @@ class Engine:
                 outcomes.append(self._run_continuation(item, t, spec, recs, got, trail))
                 ran += 1
             else:
-                outcomes.append(self._run_job(item, t, got))
+                outcomes.append(self._call(item, t, t.method, got, p=p))
                 ran += 1
+        took = (time.monotonic() - started) / max(ran, 1)
+        for method in {t.method for _, t in tasks if t.method is not None}:
+            self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
         self.commit(outcomes)
         return ran
 
+    def _split_unknown(self, tasks: list[tuple[Reserved, Task]],
+                       outcomes: list[Outcome]) -> list[tuple[Reserved, Task]]:
+        """Of a bundle whose method is not known to be quick, keep the first job
+        and hand the rest back (as one new bundle) for any worker to take."""
+        keep: list[tuple[Reserved, Task]] = []
+        for n, (item, t) in enumerate(tasks):
+            first = n == 0 or tasks[n - 1][0] is not item
+            if first or t.method is None or self._speed.get(t.method, 1.0) < FAST:
+                keep.append((item, t))
+            else:
+                outcomes.append(Outcome(item, t, "handback"))
+        return keep
+
     def _call(self, item: Reserved, t: Task, method: str, got: dict[str, bytes],
-              lead: tuple[Any, ...] = ()) -> Outcome:
+              lead: tuple[Any, ...] = (), p: str | None = None) -> Outcome:
+        args, kwargs = t.args, t.kwargs
         try:
-            args, kwargs = pickle.loads(t.call)
             runner = self.runner(t.digest, got.get(blob_key(t.digest)))
             fn: Callable[..., Any] = getattr(runner, method)
         except Exception as exc:
@@ -231,11 +261,7 @@ class Engine:
             if (name, gen) == (t.name, t.gen) and path in ctx.deferreds:
                 return Outcome(item, t, "done", ctx=ctx, handoff=path)
             return Outcome(item, t, "done", ("ref", value.id), ctx)
-        return Outcome(item, t, "done", ("ok", value), ctx)
-
-    def _run_job(self, item: Reserved, t: Task, got: dict[str, bytes]) -> Outcome:
-        assert t.method is not None
-        return self._call(item, t, t.method, got)
+        return Outcome(item, t, "done", ("ok", value), ctx, p=p)
 
     def _run_continuation(self, item: Reserved, t: Task, spec: Spec, recs: dict[str, tuple[Any, ...]],
                           got: dict[str, bytes], trail: list[str]) -> Outcome:
@@ -257,7 +283,8 @@ class Engine:
                                    "and record_return_values is False", "traceback": ""}
                 return Outcome(item, t, "done", ("err", info), spec=spec)
             values.append(rec[1])
-        call_task = t._replace(call=spec.call, digest=spec.digest)
+        args, kwargs = spec.call
+        call_task = t._replace(args=args, kwargs=kwargs, digest=spec.digest)
         out = self._call(item, call_task, spec.method, got, lead=(values,))
         out.task, out.spec = t, spec
         if not spec.record:
@@ -267,16 +294,14 @@ class Engine:
     # --- committing --------------------------------------------------------------
     def commit(self, outcomes: list[Outcome]) -> None:
         self._settle_raised(outcomes)
+        done = [o for o in outcomes if o.kind == "done"]
         adds: dict[str, bytes | int] = {}
-        for o in outcomes:
-            if o.kind != "done":
-                continue
-            t, p = o.task, prefix(o.task.name, o.task.gen)
-            if o.ctx is not None:
-                adds.update((blob_key(d), b) for d, b in o.ctx.blobs.items())
-                if o.ctx.children or o.ctx.deferreds:
-                    adds[p + "cm:" + t.path] = b"1"
-                for path, spec in o.ctx.deferreds.items():
+        for o in done:
+            t, p, ctx = o.task, o.p, o.ctx
+            if ctx is not None and (ctx.children or ctx.deferreds):
+                adds.update((blob_key(d), b) for d, b in ctx.blobs.items())
+                adds[p + "cm:" + t.path] = b"1"
+                for path, spec in ctx.deferreds.items():
                     if path == o.handoff:
                         own = o.spec.finishes if o.spec else []
                         spec.finishes = [*own, (t.path, t.method is not None)]
@@ -292,39 +317,45 @@ class Engine:
         sets: dict[str, bytes] = {}
         fire: dict[str, tuple[int, Task]] = {}  # n: key -> (inputs expected, continuation task)
         failed_paths: dict[str, list[str]] = defaultdict(list)
-        for o in outcomes:
-            if o.kind != "done":
-                continue
-            t, p = o.task, prefix(o.task.name, o.task.gen)
-            if o.ctx is not None and p + "cm:" + t.path in won:
+        for o in done:
+            t, p, ctx = o.task, o.p, o.ctx
+            if ctx is not None and ctx.children and p + "cm:" + t.path in won:
                 won.discard(p + "cm:" + t.path)  # a job twice in one batch counts once
-                deltas[p + "total"] += len(o.ctx.children)
-            if o.handoff is not None or p + "v:" + t.path not in won:
+                deltas[p + "total"] += len(ctx.children)
+            key = p + "v:" + t.path
+            if o.handoff is not None or key not in won:
                 continue
-            won.discard(p + "v:" + t.path)
+            won.discard(key)
             assert o.record is not None
-            finishes = [(t.path, t.method is not None)] + (o.spec.finishes if o.spec else [])
-            jobs = sum(1 for _, is_job in finishes if is_job)
-            deltas[p + "done"] += jobs
-            if o.record[0] == "err":
-                deltas[p + "failed"] += jobs
-                failed_paths[p] += [path for path, is_job in finishes if is_job]
-            me = job_id(t.name, t.gen, t.path)
-            ref = self.signer.dumps(("ref", me))
-            sets.update((p + "v:" + path, ref) for path, _ in finishes[1:])
-            for w_path, expected in self._watchers(o):
+            failed = o.record[0] == "err"
+            if o.spec is None:  # a job: it finishes itself
+                deltas[p + "done"] += 1
+                if failed:
+                    deltas[p + "failed"] += 1
+                    failed_paths[p].append(t.path)
+                watchers: Sequence[tuple[str, int]] = t.watchers
+            else:  # a continuation finishes the jobs that handed their value to it
+                finished = [path for path, is_job in o.spec.finishes if is_job]
+                deltas[p + "done"] += len(finished)
+                if failed:
+                    deltas[p + "failed"] += len(finished)
+                    failed_paths[p] += finished
+                ref = self.signer.dumps(("ref", job_id(t.name, t.gen, t.path)))
+                sets.update((p + "v:" + path, ref) for path, _ in o.spec.finishes)
+                watchers = o.spec.watchers
+            for w_path, expected in watchers:
                 deltas[p + "n:" + w_path] += 1
                 fire[p + "n:" + w_path] = (expected, self._continuation_task(t, w_path))
             if o.consumed:
                 gone = self.signer.dumps(GONE)
                 sets.update((k, gone) for k in o.consumed)
         results = self.store.incr_many(deltas) if deltas else {}
-        puts: list[Put] = []
+        later: list[Task] = []  # children and continuations to queue
         for key, value in results.items():
             if value is None:
                 log.warning("run state lost: counter %s is gone from the store", key)
             elif key in fire and value == fire[key][0]:
-                puts.append(self._put(fire[key][1]))
+                later.append(fire[key][1])
             elif key.endswith(":failed"):
                 p = key[: -len("failed")]
                 paths = failed_paths[p]
@@ -332,14 +363,12 @@ class Engine:
         if sets:
             self.store.set_many(sets, self.ttl)
 
-        for o in outcomes:
-            if o.kind == "done" and o.ctx is not None:
-                puts.extend(self._put(c) for c in o.ctx.children)
-                puts.extend(self._put(self._continuation_task(o.task, path))
-                            for path, spec in o.ctx.deferreds.items() if spec.counted == 0)
-        if puts:
-            self.queue.put_many(puts)
-        self._finish_queue(outcomes)
+        for o in done:
+            if o.ctx is not None:
+                later += o.ctx.children
+                later += [self._continuation_task(o.task, path)
+                          for path, spec in o.ctx.deferreds.items() if spec.counted == 0]
+        self._finish_queue(outcomes, later)
 
     def _settle_raised(self, outcomes: list[Outcome]) -> None:
         """Count the failed attempt of each job that raised: retry it (with
@@ -370,28 +399,43 @@ class Engine:
         return list(o.spec.watchers) if o.spec is not None else list(o.task.watchers)
 
     def _continuation_task(self, parent: Task, path: str) -> Task:
-        return parent._replace(path=path, method=None, call=b"", watchers=())
+        return parent._replace(path=path, method=None, args=(), kwargs={}, watchers=())
 
-    def _put(self, t: Task) -> Put:
-        jid = job_id(t.name, t.gen, t.path)
-        return Put(jid, self.signer.sign(pickle.dumps(tuple(t), 5)), t.ttr)
-
-    def _finish_queue(self, outcomes: list[Outcome]) -> None:
-        acks = []
+    def _finish_queue(self, outcomes: list[Outcome], later: list[Task]) -> None:
+        """Queue what the batch produced, then settle each reserved item: an item
+        of one job is acked, released or buried as that job requires; an item of
+        several is acked once its jobs that must run again are queued anew."""
+        by_item: dict[int, list[Outcome]] = defaultdict(list)
         for o in outcomes:
-            handle = o.item.handle
-            failed = o.record is not None and o.record[0] == "err"
-            if o.kind == "bury" or (o.kind == "done" and failed):
-                self.queue.bury(handle)
-            elif o.kind in ("done", "ack"):
-                acks.append(handle)
-            elif o.kind == "retry":
-                assert o.record is not None
-                self.queue.release(handle, o.record[0])
-            elif o.kind == "poll":
-                self.queue.release(handle, POLL_DELAY)
-            elif o.kind == "handback":
-                self.queue.release(handle, 0.0)
+            by_item[id(o.item)].append(o)
+        acks, releases, buries = [], [], []
+        delayed: list[Put] = []
+        for group in by_item.values():
+            handle = group[0].item.handle
+            if len(group) == 1:
+                o = group[0]
+                failed = o.record is not None and o.record[0] == "err"
+                if o.kind == "bury" or (o.kind == "done" and failed):
+                    buries.append(handle)
+                elif o.kind in ("done", "ack"):
+                    acks.append(handle)
+                else:
+                    delay = o.record[0] if o.kind == "retry" and o.record else POLL_DELAY if o.kind == "poll" else 0.0
+                    releases.append((handle, delay))
+                continue
+            later += [o.task for o in group if o.kind == "handback"]
+            for o in group:
+                if o.kind == "retry":  # alone, after its backoff
+                    assert o.record is not None
+                    delayed += [put._replace(delay=o.record[0]) for put in encode(self.signer, [o.task])]
+            acks.append(handle)
+        puts = encode(self.signer, later) + delayed
+        if puts:
+            self.queue.put_many(puts)
+        for handle, delay in releases:
+            self.queue.release(handle, delay)
+        for handle in buries:
+            self.queue.bury(handle)
         if acks:
             self.queue.ack_many(acks)
 

@@ -21,7 +21,8 @@ from packmule._codec import Signer, dumps
 from packmule._engine import JobContext, Spec, current
 from packmule._errors import Cancelled, NotReady, NoWorkers, RunStateLost, ValuesNotRecorded
 from packmule._state import GONE, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_key
-from packmule._types import JobRef, Progress, Task
+from packmule._types import JobRef, Progress
+from packmule._wire import BUNDLE, Task, pack, shard
 from packmule.backends.base import Backend, Put
 
 log = logging.getLogger("packmule")
@@ -72,7 +73,7 @@ class Runner:
         self._pm_backend_spec = backend
         self._pm_backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._pm_gen: str | None = None  # the generation this instance is adding to
-        self._pm_progress = Progress(0, 0)
+        self._pm_progress: Progress | None = None  # the last progress read
         self._pm_pusher: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -147,7 +148,8 @@ class Runner:
     def _enqueue(self, method: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[JobRef]:
         self._check_method(method)
         ttr, retries, delay, record = self._options()
-        blobs = [self._serialize(f"the arguments of {method}{call[0]!r}"[:300], call) for call in calls]
+        chunks = [calls[i:i + BUNDLE] for i in range(0, len(calls), BUNDLE)]
+        entries = [self._entries(method, chunk) for chunk in chunks]  # refuses a bad item before queueing
         digest, runner_blob = self._runner_blob()
         backend = self.backend
         ctx = self._job_context()
@@ -155,14 +157,14 @@ class Runner:
             gen = ctx.task.gen
             ctx.blobs[digest] = runner_blob
             refs = []
-            for blob in blobs:
+            for args, kwargs in calls:
                 path = ctx.next_path()
                 ctx.child_index[path] = len(ctx.children)
-                ctx.children.append(Task(self.name, gen, path, method, blob, digest, ttr, retries, delay,
+                ctx.children.append(Task(self.name, gen, path, method, args, kwargs, digest, ttr, retries, delay,
                                          record, ()))
                 refs.append(ref_for(backend, self.name, gen, path))
             return refs
-        if not blobs:
+        if not calls:
             return []
         backend.ensure_workers()
         state = self._state()
@@ -171,28 +173,40 @@ class Runner:
         if (id(backend.store), digest) not in _stored_blobs:
             backend.store.add_many({blob_key(digest): runner_blob}, state.ttl)
             _stored_blobs.add((id(backend.store), digest))
-        n = len(blobs)
-        counters = backend.store.incr_many({p + "seq": n, p + "total": n})
+        # a bundle must be one block of paths (one server): a bulk call takes a
+        # range wide enough to start at a multiple of BUNDLE; the gap is unused
+        span = 1 if len(calls) == 1 else len(calls) + BUNDLE - 1
+        counters = backend.store.incr_many({p + "seq": span, p + "total": len(calls)})
         last = counters.get(p + "seq")
         if last is None or counters.get(p + "total") is None:
             self._pm_gen = None
             raise RunStateLost(f"run {self.name!r}: its state vanished from the store while jobs were "
                                "being queued (store restarted or run forgotten); nothing was queued")
-        if self._pm_gen is None:
-            self._pm_gen = gen
-        paths = [str(i) for i in range(last - n + 1, last + 1)]
-        if last == n:  # the first outside enqueue of this generation: its root
-            backend.store.add_many({p + "root": paths[0].encode()}, state.ttl)
+        self._pm_gen = gen
+        first_free = last - span
+        base = -(-first_free // BUNDLE) * BUNDLE if span > 1 else first_free
+        if first_free == 0:  # the first outside enqueue of this generation: its root
+            backend.store.add_many({p + "root": b"0"}, state.ttl)
         signer = signer_for(backend)
-        puts = []
-        refs = []
-        for path, blob in zip(paths, blobs):
-            task = Task(self.name, gen, path, method, blob, digest, ttr, retries, delay, record, ())
-            ref = ref_for(backend, self.name, gen, path)
-            puts.append(Put(ref.id, signer.sign(dumps(tuple(task))), ttr))
-            refs.append(ref)
+        puts: list[Put] = []
+        refs: list[JobRef] = []
+        for i, (chunk, blob) in enumerate(zip(chunks, entries)):
+            start = base + i * BUNDLE
+            first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, ())
+            puts += pack(signer, first, blob, len(chunk),
+                         lambda chunk=chunk: [(a, k, ()) for a, k in chunk])  # type: ignore[misc]
+            server = backend.queue.server_for(shard(self.name, gen, str(start)))
+            refs += [JobRef.fast(f"{self.name}/{gen}/{start + j}", server) for j in range(len(chunk))]
         backend.queue.put_many(puts)
         return refs
+
+    def _entries(self, method: str, chunk: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> bytes:
+        try:
+            return dumps([(args, kwargs, ()) for args, kwargs in chunk])
+        except Exception:
+            for args, kwargs in chunk:
+                self._serialize(f"the arguments of {method}{args!r}"[:300], (args, kwargs))
+            raise
 
     # --- deferred_result -------------------------------------------------------------
     def deferred_result(self, method_name: str, jobs: Iterable[JobRef], *args: Any, **kwargs: Any) -> Any:
@@ -210,7 +224,7 @@ class Runner:
             self._pm_gen = None  # the next outside enqueue starts (or joins) a run afresh
             return getattr(self, method_name)(values, *args, **kwargs)
         ttr, retries, delay, record = self._options()
-        call = self._serialize(f"the arguments of {method_name}", (args, kwargs))
+        self._serialize(f"the arguments of {method_name}", (args, kwargs))
         digest, runner_blob = self._runner_blob()
         ctx.blobs[digest] = runner_blob
         path = ctx.next_path()
@@ -228,31 +242,59 @@ class Runner:
                 ctx.children[i] = child._replace(watchers=(*child.watchers, (path, len(own))))
             else:
                 ctx.deferreds[rpath].watchers.append((path, len(own)))
-        ctx.deferreds[path] = Spec(method_name, [r.id for r in refs], call, digest, ttr, retries, delay,
+        ctx.deferreds[path] = Spec(method_name, [r.id for r in refs], (args, kwargs), digest, ttr, retries, delay,
                                    record, len(own))
         return ref_for(self.backend, self.name, gen, path)
 
     def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
         """Block until every ref has a value; the values in order, or the first failure."""
         state = self._state()
-        ids = [r.id for r in refs]
+        ids = list(dict.fromkeys(r.id for r in refs))
+        keys = [value_key(i) for i in ids]
+        signer, store = state.signer, state.store
         recs: dict[str, tuple[Any, ...]] = {}
-        pending = list(dict.fromkeys(ids))
+        refs_to_follow: dict[str, str] = {}
         waiter = _Waiter(self, f"{len(ids)} jobs for deferred_result", self.wait_timeout)
-        trail: list[str] = []
-        while pending:
-            chunk = pending[:1000]
-            got = records(state.store, state.signer, chunk, trail)
-            recs.update(got)
-            pending = [i for i in pending if i not in got]
-            if pending and len(got) < len(chunk):
-                waiter.pause(f"{len(pending)} of {len(ids)} jobs not done")
-            elif got:
+        gen = self._pm_gen
+        if gen is None or any(not i.startswith(f"{self.name}/{gen}/") for i in ids):
+            gen = None  # inputs from another run: no counter to gate on
+        pos, seen_done = 0, -1
+        while pos < len(ids):
+            if gen is not None and len(ids) - pos > 100:
+                # read values only when enough jobs finished since the last look:
+                # three counters are cheaper than a thousand values
+                now = state.progress(gen)
+                assert now is not None
+                if now.done - seen_done < min(len(ids) - pos, 1000) and not now.complete:
+                    waiter.pause(f"{len(ids) - pos} of {len(ids)} jobs not done")
+                    continue
+                seen_done = now.done
+            window = [k for k in keys[pos:pos + 2000] if k not in recs][:1000]
+            got = store.get_many(window)
+            for key, raw in got.items():
+                rec = signer.loads(raw)
+                recs[key] = rec
+                if rec[0] == "ref":
+                    refs_to_follow[key] = rec[1]
+            while pos < len(ids) and keys[pos] in recs:
+                pos += 1
+            if pos < len(ids) and len(got) < len(window):
+                waiter.pause(f"{len(ids) - pos} of {len(ids)} jobs not done")
+            else:
                 waiter.progressed()
-        values = [unwrap(recs[i], i) for i in ids]  # raises JobFailed for the first failed, in order
+        trail: list[str] = list(refs_to_follow.values())
+        while refs_to_follow:  # values that are JobRefs: follow them to the end
+            ends = records(store, signer, list(set(refs_to_follow.values())), trail)
+            missing = {k: r for k, r in refs_to_follow.items() if r not in ends}
+            recs.update((k, ends[r]) for k, r in refs_to_follow.items() if r in ends)
+            refs_to_follow = missing
+            if missing:
+                waiter.pause(f"{len(missing)} followed JobRefs not done")
+        by_id = dict(zip(ids, keys))
+        values = [unwrap(recs[by_id[r.id]], r.id) for r in refs]  # the first failed raises, in order
         if not self.record_return_values:
-            gone = signer_for(self.backend).dumps(GONE)
-            self.backend.store.set_many({value_key(i): gone for i in [*ids, *trail]}, state.ttl)
+            gone = signer.dumps(GONE)
+            store.set_many({k: gone for k in [*keys, *(value_key(i) for i in trail)]}, state.ttl)
         return values
 
     # --- reading a run ------------------------------------------------------------------
@@ -276,7 +318,7 @@ class Runner:
                                                name=f"packmule-progress-{self.name}")
             self._pm_pusher.start()
             self.update_progress()
-        return self._pm_progress
+        return self._pm_progress or Progress(0, 0)
 
     def get_return_value(self, ref: JobRef | None = None) -> Any:
         """The value of the run's root job (or of ``ref``), JobRefs followed."""
@@ -351,7 +393,7 @@ class Runner:
             keys += [p + k for k in ("total", "done", "failed", "seq", "root", "cancel")]
         self.backend.store.delete_many(keys)
         self._pm_gen = None
-        self._pm_progress = Progress(0, 0)
+        self._pm_progress = None
 
 
 class _Waiter:

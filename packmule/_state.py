@@ -31,6 +31,7 @@ from typing import Any
 from packmule._codec import Signer
 from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
 from packmule._types import JobRef, Progress
+from packmule._wire import shard
 from packmule.backends.base import Backend, Store
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
@@ -182,5 +183,4 @@ def unwrap(record: Any, ref_id: str) -> Any:
 
 
 def ref_for(backend: Backend, name: str, gen: str, path: str) -> JobRef:
-    jid = job_id(name, gen, path)
-    return JobRef(jid, backend.queue.server_for(jid))
+    return JobRef(job_id(name, gen, path), backend.queue.server_for(shard(name, gen, path)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 
 class JobRef(tuple[str, str]):
@@ -25,6 +24,11 @@ class JobRef(tuple[str, str]):
 
     def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]
         return (self[0], self[1])
+
+    @classmethod
+    def fast(cls, id: str, server: str) -> JobRef:  # noqa: A002
+        """Build without checks (the engine's own, well-formed refs)."""
+        return tuple.__new__(cls, (id, server))
 
     @property
     def id(self) -> str:
@@ -71,20 +75,3 @@ class Progress(str):
 
     def __repr__(self) -> str:
         return f"Progress({str(self)!r}, failed={self.failed})"
-
-
-class Task(NamedTuple):
-    """What a queue body carries (signed).  ``method`` None marks a continuation,
-    whose method and inputs are in the store under its spec key."""
-
-    name: str
-    gen: str
-    path: str
-    method: str | None
-    call: bytes  # pickled (args, kwargs)
-    digest: str  # the runner blob's key
-    ttr: float
-    max_retries: int
-    retry_delay: float
-    record: bool
-    watchers: tuple[tuple[str, int], ...]  # (continuation path, inputs it counts)
