@@ -28,9 +28,11 @@ def dumps(obj: Any) -> bytes:
     try:
         data = pickle.dumps(obj, PROTOCOL)  # plain data: 3x faster than cloudpickle
     except Exception:
-        return cloudpickle.dumps(obj, PROTOCOL)
+        data = b"__main__"
     # pickle names things in __main__ by reference, which no worker can resolve
-    return cloudpickle.dumps(obj, PROTOCOL) if b"__main__" in data else data
+    if b"__main__" in data:
+        data = cloudpickle.dumps(obj, PROTOCOL)
+    return data
 
 
 class Signer:

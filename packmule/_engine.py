@@ -18,8 +18,8 @@ queue puts, then the ack.
 from __future__ import annotations
 
 import contextvars
-import pickle
 import logging
+import pickle
 import time
 import traceback
 from collections import Counter, defaultdict
@@ -127,7 +127,7 @@ class Engine:
         self.backend, self.ttl = backend, ttl
         self.signer = Signer(backend.secret())
         self.queue, self.store = backend.queue, backend.store
-        self._runners: dict[str, tuple[type, bytes]] = {}
+        self._runners: dict[str, tuple[Any, bytes]] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
 
     # --- decoding ------------------------------------------------------------
@@ -154,10 +154,11 @@ class Engine:
             if len(self._runners) >= 1024:
                 self._runners.clear()
             proto = self.signer.loads(blob)
-            cached = (type(proto), cloudpickle.dumps(proto.__getstate__(), 5))
+            cls: Any = type(proto)
+            cached = (cls, cloudpickle.dumps(proto.__getstate__(), 5))
             self._runners[digest] = cached
         cls, state = cached
-        obj = cls.__new__(cls)
+        obj: Any = cls.__new__(cls)
         obj.__setstate__(pickle.loads(state))
         obj.__dict__["_pm_backend"] = self.backend
         return obj

@@ -30,11 +30,12 @@ log = logging.getLogger("packmule")
 POLL_MIN, POLL_MAX = 0.001, 0.1  # s: how often a blocking wait looks again
 NO_WORKERS_WARN, NO_WORKERS_RAISE = 2.0, 6.0  # s without a worker while jobs wait
 STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
+STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 _stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def signer_for(backend: Backend) -> Signer:
     return Signer(backend.secret())
 
@@ -156,7 +157,7 @@ class Runner:
         if ctx is not None:  # inside a job of this run: committed when the job returns
             gen = ctx.task.gen
             ctx.blobs[digest] = runner_blob
-            refs = []
+            refs: list[JobRef] = []
             for args, kwargs in calls:
                 path = ctx.next_path()
                 ctx.child_index[path] = len(ctx.children)
@@ -189,8 +190,8 @@ class Runner:
             backend.store.add_many({p + "root": b"0"}, state.ttl)
         signer = signer_for(backend)
         puts: list[Put] = []
-        refs: list[JobRef] = []
-        for i, (chunk, blob) in enumerate(zip(chunks, entries)):
+        refs = []
+        for i, (chunk, blob) in enumerate(zip(chunks, entries, strict=True)):
             start = base + i * BUNDLE
             first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, ())
             puts += pack(signer, first, blob, len(chunk),
@@ -290,7 +291,7 @@ class Runner:
             refs_to_follow = missing
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
-        by_id = dict(zip(ids, keys))
+        by_id = dict(zip(ids, keys, strict=True))
         values = [unwrap(recs[by_id[r.id]], r.id) for r in refs]  # the first failed raises, in order
         if not self.record_return_values:
             gone = signer.dumps(GONE)
@@ -354,7 +355,7 @@ class Runner:
         try:
             while True:
                 now = self.update_progress()
-                if progress:
+                if progress and (bar is None or (bar.n, bar.total) != (now.done, now.total)):
                     bar = bar or _bar(self.name)
                     bar.total, bar.n = now.total, now.done
                     bar.refresh()
@@ -370,7 +371,8 @@ class Runner:
     # --- coordination ---------------------------------------------------------------------
     def lock(self, name: str, timeout: float | None = None) -> AbstractContextManager[None]:
         """A mutex shared by every worker of the backend."""
-        return self.backend.lock(check_name(name, "lock name"), timeout)
+        lock: AbstractContextManager[None] = self.backend.lock(check_name(name, "lock name"), timeout)
+        return lock
 
     def touch(self) -> None:
         """Inside a job: restart its time_to_run.  Outside a job: nothing to do."""
@@ -405,6 +407,7 @@ class _Waiter:
         self.start = self.last_check = self.last_said = time.monotonic()
         self.delay = POLL_MIN
         self.idle_since: float | None = None
+        self.empty_since: float | None = None
 
     def progressed(self) -> None:
         self.delay = POLL_MIN
@@ -432,6 +435,15 @@ class _Waiter:
             if state.cancelled(gen):
                 raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
         stats = runner.backend.queue.stats()
+        if gen is not None and not (stats.ready or stats.reserved or stats.delayed):
+            # nothing anywhere in the queue, yet the run is not complete: it never will be
+            self.empty_since = self.empty_since or now
+            if now - self.empty_since >= STALLED_AFTER:
+                raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
+                                   f"at {status}; a worker died between two store writes, or its state was "
+                                   "evicted (see `packmule status`)")
+        else:
+            self.empty_since = None
         if stats.workers > 0 or not (stats.ready or stats.delayed):
             self.idle_since = None
             return

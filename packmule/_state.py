@@ -99,7 +99,7 @@ class RunState:
                 if self.store.add_many({successor: fresh.encode()}, self.ttl):
                     self.store.set_many({self.pointer: fresh.encode()}, self.ttl)
                     return fresh
-                won = self.store.get_many([successor]).get(successor)
+                won: bytes | None = self.store.get_many([successor]).get(successor)
                 if won is not None:
                     return won.decode()
                 continue

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 class JobRef(tuple[str, str]):
     """A reference to a queued job: ``(id, server)``.
 
@@ -22,7 +21,7 @@ class JobRef(tuple[str, str]):
             raise ValueError("JobRef server must not be empty")
         return tuple.__new__(cls, (id, server))
 
-    def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]
+    def __getnewargs__(self) -> tuple[str, str]:
         return (self[0], self[1])
 
     @classmethod
@@ -73,5 +72,3 @@ class Progress(str):
     def complete(self) -> bool:
         return self.total > 0 and self.done == self.total
 
-    def __repr__(self) -> str:
-        return f"Progress({str(self)!r}, failed={self.failed})"

@@ -29,10 +29,10 @@ from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 import filelock
-
-from packmule._errors import BackendUnavailable
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import Core, call
+
+from packmule._errors import BackendUnavailable
 
 log = logging.getLogger("packmule")
 

@@ -9,8 +9,9 @@ import signal
 import sys
 import threading
 
-from packmule._worker import serve
 from packmule.backends import local
+
+from packmule._worker import serve
 
 
 def main() -> int:

@@ -1,0 +1,64 @@
+"""The public surface: what ``import packmule`` offers, and its small value types."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import packmule
+from packmule._codec import Forged, Signer
+
+
+def test_public_names_are_pinned():
+    assert sorted(packmule.__all__) == sorted([
+        "BackendUnavailable", "Cancelled", "JobFailed", "JobRef", "NoWorkers", "NotReady", "PackMuleError",
+        "Progress", "Runner", "RunStateLost", "ValuesNotRecorded",
+    ])
+    for name in packmule.__all__:
+        assert hasattr(packmule, name)
+
+
+def test_progress_reads_like_the_ruby_original():
+    p = packmule.Progress(53, 101, 2)
+    assert p == "53.0 / 101.0"
+    assert eval(p) == pytest.approx(53 / 101)
+    assert (p.done, p.total, p.failed) == (53, 101, 2)
+    assert p.fraction == pytest.approx(53 / 101)
+    assert not p.complete and packmule.Progress(3, 3).complete and not packmule.Progress(0, 0).complete
+    assert pickle.loads(pickle.dumps(p)).failed == 2
+
+
+def test_jobref_refuses_a_malformed_id_or_empty_server():
+    with pytest.raises(ValueError):
+        packmule.JobRef("no-slashes", "local:1")
+    with pytest.raises(ValueError):
+        packmule.JobRef("a/b/c", "")
+    ref = packmule.JobRef("run/gen/0.3", "127.0.0.1:11300")
+    assert ref.parts == ("run", "gen", "0.3") and repr(ref) == (
+        "JobRef(id='run/gen/0.3', server='127.0.0.1:11300')")
+
+
+def test_a_signed_blob_round_trips_and_a_tampered_one_is_refused_before_unpickling():
+    signer = Signer(b"secret")
+    blob = signer.dumps({"a": 1})
+    assert signer.loads(blob) == {"a": 1}
+    with pytest.raises(Forged):
+        signer.loads(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(Forged):
+        Signer(b"other secret").loads(blob)
+    with pytest.raises(Forged):
+        signer.loads(b"short")
+
+
+def test_an_unknown_backend_name_says_which_are_installed(monkeypatch):
+    from packmule import _config
+
+    with pytest.raises(ValueError, match="installed backends: .*local"):
+        _config.backend_class("no-such-backend")
+
+
+def test_a_job_failed_error_carries_the_remote_failure():
+    err = packmule.JobFailed({"job": "r/g/1", "method": "snooze", "args": "(1,)", "exc_type": "KeyError",
+                              "message": "'x'", "traceback": "Traceback ...\nKeyError: 'x'"})
+    assert "snooze((1,))" in str(err) and "KeyError" in str(err) and "Traceback" in str(err)
