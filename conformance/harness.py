@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 from packmule.backends.base import Backend
@@ -22,6 +27,7 @@ class Harness:
     backend: Backend
     env: dict[str, str] = field(default_factory=dict)  # what another process needs to reach the backend
     pids: Callable[[], list[int]] = list  # processes that run jobs now
+    extras: dict[str, Any] = field(default_factory=dict)  # what a backend's own tests need (servers...)
 
     def worker_pids(self) -> list[int]:
         return self.pids()
@@ -49,6 +55,75 @@ def local_harness() -> Iterator[Harness]:
 
 
 register("local", local_harness)
+
+
+@contextlib.contextmanager
+def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -> Iterator[Harness]:
+    """Real beanstalkd, memcached and ZooKeeper on free loopback ports, and a
+    ``packmule worker --concurrency 2`` serving them (none with concurrency 0);
+    all stopped by PID."""
+    import secrets
+    import tempfile
+
+    import pytest
+    from packmule.backends.beanstalk import BeanstalkBackend
+
+    from .servers import Beanstalkd, Memcached, ZooKeeper, servers_installed
+
+    missing = servers_installed()
+    if missing:
+        pytest.skip(missing)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory(prefix="packmule-cluster-") as tmp, Beanstalkd(tmp) as bs, \
+            Memcached(tmp) as mc, ZooKeeper(tmp) as zk:
+        env = {"PACKMULE_BACKEND": "beanstalk", "PACKMULE_BEANSTALKD": bs.address,
+               "PACKMULE_MEMCACHED": mc.address, "PACKMULE_ZOOKEEPER": zk.address,
+               "PACKMULE_SECRET": secrets.token_hex(16), "PACKMULE_TUBE": "conformance"}
+        backend = BeanstalkBackend.from_env(env)
+        harness = Harness(backend, env)
+        run_env = environ_for(harness)
+        run_env["PYTHONPATH"] = os.pathsep.join([root, run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        harness.extras.update(beanstalkd=bs, memcached=mc, zookeeper=zk, env=run_env, root=root)
+        worker = start_worker(harness, concurrency, *worker_args) if concurrency else None
+        harness.pids = lambda: job_processes([worker.pid]) if worker else []
+        harness.extras["worker"] = worker
+        try:
+            yield harness
+        finally:
+            if worker is not None:
+                stop_worker(worker)
+            backend.close()
+            backend.close()
+
+
+register("beanstalk", beanstalk_harness)
+
+
+def start_worker(harness: Harness, concurrency: int, *args: str) -> subprocess.Popen[bytes]:
+    """``packmule worker`` serving the harness's backend; returns once it serves."""
+    worker = subprocess.Popen([sys.executable, "-m", "packmule", "worker", "--concurrency", str(concurrency),
+                               "--log-level", os.environ.get("PACKMULE_TEST_WORKER_LOG", "WARNING"),
+                               "--grace", "10", *args], env=harness.extras["env"], cwd=harness.extras["root"],
+                              stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while harness.backend.queue.stats().workers < concurrency:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            stop_worker(worker)
+            raise RuntimeError(f"packmule worker did not start serving (exit {worker.poll()})")
+        time.sleep(0.1)
+    return worker
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (drain), then SIGKILL if it takes more than 20 s; its exit code."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    return worker.returncode
 
 
 def job_processes(parents: list[int]) -> list[int]:

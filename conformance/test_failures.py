@@ -67,10 +67,13 @@ def test_a_job_that_runs_twice_counts_once(harness: Harness, tmp_path):
     # Given a job that outlives its time_to_run, so another worker runs it again
     runner = Worky(backend=harness.backend, time_to_run=1)
     path = str(tmp_path / "runs")
-    ref = runner.enqueue("pid_then_sleep", path, 2.5, "value")
+    ref = runner.enqueue("pid_then_sleep", path, 4.0, "value")
+    deadline = time.monotonic() + WAIT
+    while len(lines(path)) < 2:  # a second worker took it up after time_to_run
+        assert time.monotonic() < deadline, "the job did not run again"
+        time.sleep(0.05)
     progress = runner.wait(timeout=WAIT)
-    time.sleep(1.0)  # let the second execution finish too
-    assert len(lines(path)) >= 2
+    time.sleep(4.5)  # let both executions finish and commit
     assert (progress.done, progress.total) == (1, 1)
     assert runner.update_progress() == "1.0 / 1.0"
     assert runner.get_return_value(ref) == "value"

@@ -1,0 +1,157 @@
+"""The shared store on one or more memcached servers, through pymemcache.
+
+Each key lives on one server, chosen by rendezvous hashing of the key and the
+servers' names: every process agrees without talking, listing the servers in
+any order, and removing a server moves only the keys it held.  A server that
+fails is reported, never skipped (skipping would move its keys elsewhere and
+give a second winner to ``add_many``).
+
+Keys are sent as they are when memcached can hold them (1 to 250 printable
+ASCII characters, no spaces); any other key is sent as ``pm#`` plus its
+BLAKE2b hex digest (so is a key that already starts with ``pm#``, so that two
+keys never meet).  Bulk calls are one pipelined round trip per server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheClientError, MemcacheError, MemcacheServerError
+
+from ..base import Store
+from ._pool import Servers, ThreadConnections
+
+MAX_TTL = 30 * 24 * 3600  # s: memcached reads a longer expiry as a Unix timestamp
+IO_TIMEOUT = 30.0  # s a server may take to answer before it counts as unavailable
+HASHED_PREFIX = "pm#"
+_PLAIN_KEY = re.compile(r"[!-~]{1,250}")  # what memcached's text protocol takes as is
+
+
+def memcached_key(key: str) -> str:
+    """The key as sent to memcached (see the module docstring)."""
+    if _PLAIN_KEY.fullmatch(key) and not key.startswith(HASHED_PREFIX):
+        return key
+    return HASHED_PREFIX + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=32).hexdigest()
+
+
+def expiry(ttl: float) -> int:
+    """memcached's expiry for ``ttl`` seconds: rounded up, at most 30 days; 0 means 30 days."""
+    if not ttl >= 0:
+        raise ValueError(f"ttl must be 0 (the longest) or a positive number of seconds, not {ttl!r}")
+    return MAX_TTL if ttl == 0 else min(MAX_TTL, math.ceil(ttl))
+
+
+def _encode(key: str, value: bytes | int) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < 2**64:
+            raise ValueError(f"counter {key!r}: {value} is outside memcached's 0 .. 2**64-1")
+        return b"%d" % value  # decimal ASCII: what memcached's incr works on
+    raise TypeError(f"value of {key!r} must be bytes or an int, not {type(value).__name__}")
+
+
+class MemcachedStore(Store):
+    def __init__(self, servers: Servers, connect_timeout: float) -> None:
+        self.servers = servers
+        self._names = servers.names
+        self._hash_names = [name.encode() + b"\0" for name in self._names]
+        self._connect_timeout = connect_timeout
+        self._pool: ThreadConnections[Client] = ThreadConnections(self._client)
+
+    def _client(self, index: int) -> Client:
+        """A pymemcache client (it connects on first use, and again after an error)."""
+        return Client(self.servers.addresses[index], connect_timeout=self._connect_timeout,
+                      timeout=IO_TIMEOUT, no_delay=True, default_noreply=False)
+
+    def _index(self, mkey: str) -> int:
+        if len(self._names) == 1:
+            return 0
+        encoded = mkey.encode()
+        scores = [hashlib.blake2b(name + encoded, digest_size=8).digest() for name in self._hash_names]
+        return scores.index(max(scores))
+
+    def _plan(self, keys: Sequence[str] | Mapping[str, object]) -> dict[int, dict[str, str]]:
+        """Server index -> {memcached key: key} for these keys."""
+        plan: dict[int, dict[str, str]] = {}
+        for key in keys:
+            mkey = memcached_key(key)
+            plan.setdefault(self._index(mkey), {})[mkey] = key
+        return plan
+
+    @contextlib.contextmanager
+    def _using(self, index: int, values: Mapping[str, bytes] | None = None) -> Iterator[Client]:
+        """This thread's client for server ``index``, its errors translated.
+        After any error the client is closed; it reconnects on its next use."""
+        client = self._pool.get(index)
+        server = self._names[index]
+        try:
+            yield client
+        except BaseException as exc:
+            client.close()
+            if isinstance(exc, MemcacheServerError) and "too large" in str(exc) and values:
+                size, mkey = max((len(v), k) for k, v in values.items())
+                raise ValueError(
+                    f"memcached at {server} refused a value as too large (the largest sent was "
+                    f"{size} bytes, for {mkey!r}); start memcached with a larger -I (item size, "
+                    f"default 1m), or store less under one key"
+                ) from None
+            if isinstance(exc, MemcacheClientError):
+                raise ValueError(f"memcached at {server} refused a command: {exc}") from exc
+            if isinstance(exc, (MemcacheError, OSError)):
+                raise self.servers.unavailable("memcached", server, exc) from exc
+            raise
+
+    # --- Store -------------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for index, names in self._plan(keys).items():
+            with self._using(index) as client:
+                values = client.get_many(list(names))
+            found.update((names[mkey], value) for mkey, value in values.items())
+        return found
+
+    def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        expire = expiry(ttl)
+        for index, names in self._plan(items).items():
+            values = {mkey: _encode(key, items[key]) for mkey, key in names.items()}
+            with self._using(index, values) as client:
+                client.set_many(values, expire, noreply=False)
+
+    def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
+        expire = expiry(ttl)
+        added: set[str] = set()
+        for index, names in self._plan(items).items():
+            values = {mkey: _encode(key, items[key]) for mkey, key in names.items()}
+            with self._using(index, values) as client:
+                # pymemcache's add() takes one key; its _store_cmd pipelines many.
+                stored = client._store_cmd(b"add", values, expire, False)
+            added.update(names[mkey] for mkey, ok in stored.items() if ok)
+        return added
+
+    def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
+        for key, delta in deltas.items():
+            if isinstance(delta, bool) or not isinstance(delta, int) or not 0 <= delta < 2**64:
+                raise ValueError(f"incr_many: the delta of {key!r} must be an int >= 0, not {delta!r}")
+        results: dict[str, int | None] = {}
+        for index, names in self._plan(deltas).items():
+            commands = [b"incr %s %d\r\n" % (mkey.encode(), deltas[key]) for mkey, key in names.items()]
+            with self._using(index) as client:
+                # pymemcache's incr() is one round trip per key; _misc_cmd pipelines them.
+                answers = client._misc_cmd(commands, b"incr", False)
+            for key, answer in zip(names.values(), answers, strict=True):
+                results[key] = None if answer == b"NOT_FOUND" else int(answer)
+        return results
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for index, names in self._plan(keys).items():
+            with self._using(index) as client:
+                client.delete_many(list(names), noreply=False)
+
+    def close(self) -> None:
+        self._pool.close_all()

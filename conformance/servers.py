@@ -1,0 +1,269 @@
+"""Real beanstalkd, memcached and ZooKeeper servers for tests (helpers, not fixtures).
+
+Each server runs on 127.0.0.1 on a free port, with its data (and its stderr
+log) in a directory of the caller's, and is stopped by the PID this module
+started, never by name::
+
+    with Beanstalkd(tmp_path) as server:
+        server.address      # '127.0.0.1:PORT'
+        server.kill()       # SIGKILL
+        server.restart()    # same port, same data dir (the binlog survives)
+
+How to start each one is in /work/shared/SERVICES.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
+ZOOKEEPER_CLASSPATH = f"/etc/zookeeper/conf:{ZOOKEEPER_JAR}:/usr/share/java/slf4j-simple.jar"
+INSTALL_HINT = "apt-get install -y beanstalkd memcached zookeeper"
+READY_TIMEOUT = 30.0  # s a server may take to accept connections (ZooKeeper's JVM is the slow one)
+STOP_GRACE = 5.0  # s between SIGTERM and SIGKILL
+
+
+def servers_installed() -> str | None:
+    """None if every server can be started here, else what is missing and how to install it."""
+    missing = [name for name in ("beanstalkd", "memcached", "java") if shutil.which(name) is None]
+    if not os.path.exists(ZOOKEEPER_JAR):
+        missing.append(ZOOKEEPER_JAR)
+    if not missing:
+        return None
+    return f"missing {', '.join(missing)}; install with: {INSTALL_HINT}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """One server process on 127.0.0.1:``port``; subclasses say how to run it."""
+
+    name = "server"
+
+    def __init__(self, tmpdir: str | os.PathLike[str] | None = None) -> None:
+        self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
+        if tmpdir is None:
+            self._own_tmp = tempfile.TemporaryDirectory(prefix=f"packmule-{self.name}-")
+            tmpdir = self._own_tmp.name
+        self.dir = Path(tmpdir) / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}"
+        self.dir.mkdir(parents=True)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # --- what subclasses provide --------------------------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once the server serves requests (default: it accepts a connection)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    # --- lifecycle ------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start: the first time on a free port (retried if another process takes
+        it first); after ``stop()`` or ``kill()``, on the same port with the same data."""
+        if self.port:
+            self._launch()
+            return
+        for attempt in range(3):
+            self.port = free_port()
+            try:
+                self._launch()
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+
+    def restart(self, kill: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL with ``kill=True``) and start again: same port, same data."""
+        self.kill() if kill else self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period; waits for the process to end."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL; waits for the process to end."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
+
+    def close(self) -> None:
+        """Stop the server and remove a data directory this object made itself."""
+        self.stop()
+        if self._own_tmp is not None:
+            self._own_tmp.cleanup()
+            self._own_tmp = None
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.proc.pid}" if self.proc is not None else "stopped"
+        return f"<{type(self).__name__} {self.address} {state}>"
+
+    # --- helpers --------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.dir / f"{self.name}.log"
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+    def _launch(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,  # a Ctrl-C meant for pytest does not hit the server first
+            )
+        atexit.register(_stop_at_exit, self.proc)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.ready():
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                raise RuntimeError(
+                    f"{self.name} on {self.address} exited with status {code} before accepting "
+                    f"connections; its log ({self.log_path}) ends with:\n{self.stderr_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(
+                    f"{self.name} on {self.address} did not accept connections within "
+                    f"{READY_TIMEOUT:g} s; its log ({self.log_path}) ends with:\n{self.stderr_tail()}"
+                )
+            time.sleep(0.05)
+
+
+def _stop_at_exit(proc: subprocess.Popen[bytes]) -> None:
+    """A safety net for a test run that dies before its fixtures stop their servers."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+class Beanstalkd(Server):
+    """beanstalkd with a binlog in its data dir, so queued jobs survive ``restart()``."""
+
+    name = "beanstalkd"
+
+    def __init__(self, tmpdir: str | os.PathLike[str] | None = None, max_job_size: int | None = None) -> None:
+        super().__init__(tmpdir)
+        self.max_job_size = max_job_size
+
+    def command(self) -> list[str]:
+        binlog = self.dir / "binlog"
+        binlog.mkdir(exist_ok=True)
+        cmd = ["beanstalkd", "-l", "127.0.0.1", "-p", str(self.port), "-b", str(binlog)]
+        if self.max_job_size is not None:
+            cmd += ["-z", str(self.max_job_size)]
+        return cmd
+
+
+class Memcached(Server):
+    """memcached with 64 MB, no UDP; as root it runs as the ``memcache`` user."""
+
+    name = "memcached"
+
+    def command(self) -> list[str]:
+        cmd = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", "64"]
+        if os.geteuid() == 0:
+            cmd += ["-u", _existing_user("memcache", "nobody")]
+        return cmd
+
+
+class ZooKeeper(Server):
+    """A standalone ZooKeeper 3.8 with the zoo.cfg of SERVICES.md (tickTime 500 ms,
+    so sessions of 1 to 10 s; admin server off)."""
+
+    name = "zookeeper"
+
+    def command(self) -> list[str]:
+        data = self.dir / "data"
+        data.mkdir(exist_ok=True)
+        config = self.dir / "zoo.cfg"
+        config.write_text(
+            "tickTime=500\n"
+            f"dataDir={data}\n"
+            f"clientPort={self.port}\n"
+            "clientPortAddress=127.0.0.1\n"
+            "admin.enableServer=false\n"
+            "minSessionTimeout=1000\n"
+            "4lw.commands.whitelist=ruok,srvr\n"
+        )
+        return [
+            "java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", ZOOKEEPER_CLASSPATH,
+            "org.apache.zookeeper.server.ZooKeeperServerMain", str(config),
+        ]
+
+    def ready(self) -> bool:
+        """Accepting connections is not enough: ``srvr`` must say it serves requests."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.sendall(b"srvr")
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+        except OSError:
+            return False
+        return b"Mode: standalone" in reply
+
+
+def _existing_user(*names: str) -> str:
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError(f"none of the users {names} exists; memcached refuses to run as root without one")

@@ -1,0 +1,5 @@
+import sys
+
+from packmule.cli import main
+
+sys.exit(main())

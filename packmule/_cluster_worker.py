@@ -1,0 +1,191 @@
+"""``packmule worker``: serve the backend's queue on this machine.
+
+The parent process supervises ``--concurrency`` child processes; each child is
+a consumer of its own (its own connections, its own jobs, one at a time per
+batch).  The parent restarts a child that exits, recycles one that ran
+``--max-jobs-per-child`` jobs or grew past ``--max-memory-per-child``, and on
+SIGTERM (or a first SIGINT) drains: children finish their running jobs and exit;
+past ``--grace`` seconds they are killed, which hands their jobs back (the
+queue frees a dead consumer's reservations).  A second SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+from packmule import _config
+from packmule._errors import BackendUnavailable
+from packmule._worker import serve
+
+log = logging.getLogger("packmule.worker")
+
+CHECK_EVERY = 0.5  # s between the parent's looks at its children
+RESTART_PAUSE = 2.0  # s before restarting a child that died within this long of starting
+MAX_BACKOFF = 30.0  # s: the longest wait before retrying unreachable servers
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s packmule[%(process)d] %(levelname)s %(message)s")
+
+
+# --- the child: one consumer -----------------------------------------------------
+def child_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="packmule worker child")
+    ap.add_argument("--import", dest="imports", action="append", default=[])
+    ap.add_argument("--max-jobs", type=int, default=0)
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    setup_logging(a.log_level)
+    for module in a.imports:
+        importlib.import_module(module)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the running batch, then exit
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C means
+    backend = _config.get_backend()
+    ran, delay = 0, 0.5
+    while not stop.is_set():
+        try:
+            ran += serve(backend, stop, (a.max_jobs - ran) if a.max_jobs else None)
+            delay = 0.5
+            if a.max_jobs and ran >= a.max_jobs:
+                log.info("ran %d jobs: recycling this process", ran)
+                break
+        except BackendUnavailable as exc:
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+    return 0
+
+
+# --- the parent: a supervisor ----------------------------------------------------
+class Supervisor:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.started: dict[int, float] = {}
+        self.draining = False
+        self.interrupts = 0
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "packmule._cluster_worker", "--child", "--log-level", self.a.log_level,
+               "--max-jobs", str(self.a.max_jobs_per_child or 0)]
+        for module in self.a.imports:
+            cmd += ["--import", module]
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.getcwd())
+        self.started[child.pid] = time.monotonic()
+        log.info("started worker process %d", child.pid)
+        return child
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 2:
+                log.warning("second interrupt: stopping now; running jobs go back to the queue")
+                for child in self.children:
+                    _kill(child)
+                os._exit(130)
+        if not self.draining:
+            log.info("%s: draining (running jobs finish, then exit); interrupt again to stop at once",
+                     signal.Signals(signum).name)
+            self.draining = True
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        self.children = [self.spawn() for _ in range(self.a.concurrency)]
+        drain_started: float | None = None
+        while True:
+            if self.draining:
+                drain_started = drain_started or time.monotonic()
+                if all(c.poll() is not None for c in self.children):
+                    log.info("drained: exiting")
+                    return 0
+                if time.monotonic() - drain_started > self.a.grace:
+                    log.warning("grace of %.0fs over: stopping the rest; their jobs go back to the queue",
+                                self.a.grace)
+                    for child in self.children:
+                        _kill(child)
+                    return 0
+            else:
+                self.tend()
+            time.sleep(CHECK_EVERY)
+
+    def tend(self) -> None:
+        limit = self.a.max_memory_per_child * 1024 * 1024 if self.a.max_memory_per_child else 0
+        for i, child in enumerate(self.children):
+            code = child.poll()
+            if code is not None:
+                lived = time.monotonic() - self.started.pop(child.pid, 0.0)
+                if code != 0:
+                    log.warning("worker process %d exited with %s; starting another", child.pid, code)
+                if lived < RESTART_PAUSE and code != 0:
+                    time.sleep(RESTART_PAUSE)  # dying at start (bad --import?): do not spin
+                self.children[i] = self.spawn()
+            elif limit:
+                try:
+                    rss = psutil.Process(child.pid).memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+                if rss > limit and child.pid in self.started:
+                    log.info("worker process %d uses %d MiB > %d MiB: recycling it after its running jobs",
+                             child.pid, rss >> 20, self.a.max_memory_per_child)
+                    self.started[child.pid] = time.monotonic()
+                    child.send_signal(signal.SIGTERM)
+
+
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--concurrency", "-c", type=int, default=os.cpu_count() or 1,
+                    help="worker processes (default: CPU count)")
+    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import MODULE in every worker process (repeatable): runners pickled by reference")
+    ap.add_argument("--max-jobs-per-child", type=int, default=0, metavar="N",
+                    help="recycle a worker process after N jobs (default: never)")
+    ap.add_argument("--max-memory-per-child", type=int, default=0, metavar="MIB",
+                    help="recycle a worker process whose memory passes MIB MiB (default: never)")
+    ap.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                    help="on SIGTERM, how long running jobs may finish before they are handed back")
+    ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO (a line per job state change), WARNING")
+
+
+def worker_main(a: argparse.Namespace) -> int:
+    setup_logging(a.log_level)
+    if a.concurrency < 1:
+        log.error("--concurrency must be at least 1")
+        return 2
+    for module in a.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            log.error("--import %s: %s (is it on PYTHONPATH, or is the cwd right?)", module, exc)
+            return 2
+    try:
+        backend = _config.get_backend()
+    except (ValueError, TypeError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("serving the %s backend with %d processes", backend.name, a.concurrency)
+    return Supervisor(a).run()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
+    sys.exit(child_main(sys.argv[2:]))

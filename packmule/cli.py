@@ -1,0 +1,106 @@
+"""The ``packmule`` command.
+
+    packmule worker [--concurrency N] [--import MODULE ...]   serve the queue on this machine
+    packmule status NAME                                      a run's progress, failures and queue
+    packmule progress NAME [--watch]                          a run's progress (a live bar with --watch)
+
+The backend and its servers come from the PACKMULE_* variables (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from packmule import _cluster_worker
+from packmule._errors import PackMuleError
+from packmule._runner import Runner, signer_for
+from packmule._state import check_name, job_id, prefix, records
+
+
+def status(name: str) -> int:
+    runner = Runner(check_name(name))
+    state = runner._state()
+    gen = state.current_gen()
+    if gen is None:
+        print(f"run {name}: no jobs (0.0 / 0.0)")
+        return 0
+    progress = state.progress(gen)
+    assert progress is not None
+    stats = runner.backend.queue.stats()
+    flags = []
+    if state.cancelled(gen):
+        flags.append("cancelled")
+    if progress.complete:
+        flags.append("complete")
+    elif not (stats.ready or stats.reserved or stats.delayed):
+        flags.append("STALLED: nothing is queued or running, yet the run is not complete")
+    print(f"run {name} (generation {gen}): {progress}  done {progress.done} of {progress.total}, "
+          f"failed {progress.failed}" + (f"  [{'; '.join(flags)}]" if flags else ""))
+    print(f"queue ({runner.backend.name}): ready {stats.ready}, running {stats.reserved}, "
+          f"delayed {stats.delayed}, buried {stats.buried}, workers {stats.workers}")
+    if progress.failed:
+        p = prefix(name, gen)
+        got = runner.backend.store.get_many([f"{p}f:{k}" for k in range(1, progress.failed + 1)])
+        ids = [job_id(name, gen, raw.decode()) for raw in got.values()]
+        recs = records(runner.backend.store, signer_for(runner.backend), ids)
+        print(f"failures ({len(ids)}):")
+        for ref_id in ids:
+            rec = recs.get(ref_id)
+            if rec is None or rec[0] != "err":
+                print(f"  {ref_id}: (error record missing)")
+                continue
+            info = rec[1]
+            print(f"  {ref_id} {info['method']}({info['args']}): {info['exc_type']}: {info['message']}")
+            for line in info.get("traceback", "").rstrip().splitlines()[-3:]:
+                print(f"      {line}")
+    return 0
+
+
+def progress(name: str, watch: bool) -> int:
+    runner = Runner(check_name(name))
+    if not watch:
+        print(runner.update_progress())
+        return 0
+    from tqdm import tqdm
+
+    with tqdm(total=0, desc=name, unit="job") as bar:
+        while True:
+            now = runner.update_progress()
+            bar.total, bar.n = now.total, now.done
+            bar.refresh()
+            if now.complete:
+                break
+            time.sleep(0.25)
+    print(runner.update_progress())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="packmule", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="serve the queue on this machine")
+    _cluster_worker.add_arguments(worker)
+    st = sub.add_parser("status", help="a run's progress, failures and queue")
+    st.add_argument("name")
+    pr = sub.add_parser("progress", help="a run's progress")
+    pr.add_argument("name")
+    pr.add_argument("--watch", action="store_true", help="draw a live progress bar until the run is complete")
+    a = ap.parse_args(argv)
+    try:
+        if a.command == "worker":
+            return _cluster_worker.worker_main(a)
+        if a.command == "status":
+            return status(a.name)
+        return progress(a.name, a.watch)
+    except (PackMuleError, ValueError) as exc:
+        print(f"packmule {a.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

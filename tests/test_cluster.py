@@ -1,0 +1,240 @@
+"""The beanstalk backend's own behaviour and its fault tests, against real
+beanstalkd, memcached and ZooKeeper (started on loopback ports, stopped by PID)
+and real ``packmule worker`` processes.  The shared semantics are proven by the
+conformance suite; this file holds what only a cluster has: server restarts,
+missing workers, worker signals, the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import packmule
+from conformance.harness import Harness, beanstalk_harness, start_worker, stop_worker
+from conformance.runners import Flaky, Plain, Worky, lines
+
+WAIT = 60
+
+
+@pytest.fixture
+def cluster():  # type: ignore[no-untyped-def]
+    """A fresh cluster with one 2-process worker, for tests that break things."""
+    with beanstalk_harness(concurrency=2) as h:
+        yield h
+
+
+@pytest.fixture
+def idle_cluster():  # type: ignore[no-untyped-def]
+    """A fresh cluster with no worker."""
+    with beanstalk_harness(concurrency=0) as h:
+        yield h
+
+
+def _cli(h: Harness, *args: str, timeout: float = WAIT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "packmule", *args], env=h.extras["env"], cwd=h.extras["root"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _started(path: str, count: int = 1) -> None:
+    deadline = time.monotonic() + WAIT
+    while len(lines(path)) < count:
+        assert time.monotonic() < deadline, "jobs did not start"
+        time.sleep(0.02)
+
+
+def test_beanstalkd_restarted_mid_run_keeps_queued_jobs_and_the_run_completes(cluster, tmp_path):
+    # Given a run of 20 slow jobs, some running
+    runner = Worky(backend=cluster.backend)
+    path = str(tmp_path / "pids")
+    runner.enqueue("sleeper_fan", path, 20, 0.2)
+    _started(path, 2)
+    # When beanstalkd is killed and started again on its binlog
+    cluster.extras["beanstalkd"].restart(kill=True)
+    # Then the workers reconnect and the run completes exactly
+    assert runner.wait(timeout=WAIT) == "21.0 / 21.0"
+    assert runner.get_return_value() == sum(range(20))
+
+
+def test_memcached_restarted_mid_run_makes_wait_raise_run_state_lost(cluster, tmp_path):
+    runner = Worky(backend=cluster.backend)
+    path = str(tmp_path / "pids")
+    runner.enqueue("sleeper_fan", path, 20, 0.5)
+    _started(path)
+    cluster.extras["memcached"].restart(kill=True)
+    started = time.monotonic()
+    with pytest.raises(packmule.RunStateLost):
+        runner.wait(timeout=WAIT)
+    assert time.monotonic() - started < WAIT
+
+
+def test_zookeeper_stopped_makes_lock_raise_backend_unavailable_while_jobs_go_on(cluster):
+    cluster.extras["zookeeper"].stop()
+    runner = Plain(backend=cluster.backend, record_return_values=True)
+    with pytest.raises(packmule.BackendUnavailable, match="PACKMULE_ZOOKEEPER"), runner.lock("needs-zk", timeout=5):
+        pass
+    jobs = runner.enqueue_each("work", range(5))
+    assert runner.deferred_result("work", jobs) == [0, 1, 2, 3, 4]
+
+
+def test_a_forged_body_put_straight_into_the_tube_is_buried_unrun(cluster, tmp_path):
+    import pickle
+
+    import greenstalk
+
+    marker = tmp_path / "ran"
+    host, port = cluster.extras["beanstalkd"].address.split(":")
+
+    class Boom:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (open, (str(marker), "w"))
+
+    with greenstalk.Client((host, int(port)), use="conformance", encoding=None) as raw:
+        raw.put(b"\x01" * 32 + pickle.dumps(Boom()))
+    deadline = time.monotonic() + WAIT
+    while cluster.backend.queue.stats().buried == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not marker.exists()
+
+
+def test_waiting_with_no_worker_raises_no_workers_within_seconds(idle_cluster):
+    runner = Plain(backend=idle_cluster.backend)
+    jobs = runner.enqueue_each("work", range(3))
+    started = time.monotonic()
+    with pytest.raises(packmule.NoWorkers, match="packmule worker"):
+        runner.deferred_result("work", jobs)
+    assert time.monotonic() - started < 15
+    with pytest.raises(packmule.NoWorkers):
+        runner.wait()
+
+
+def test_a_worker_started_late_serves_what_was_queued(idle_cluster):
+    runner = Plain(backend=idle_cluster.backend, record_return_values=True)
+    jobs = runner.enqueue_each("work", range(4))
+    worker = start_worker(idle_cluster, 1)
+    try:
+        assert runner.deferred_result("work", jobs) == [0, 1, 2, 3]
+    finally:
+        assert stop_worker(worker) == 0
+
+
+def test_sigterm_drains_running_jobs_then_exits_zero(idle_cluster, tmp_path):
+    worker = start_worker(idle_cluster, 1)
+    runner = Worky(backend=idle_cluster.backend)
+    path = str(tmp_path / "pids")
+    ref = runner.enqueue("pid_then_sleep", path, 1.0, "finished")
+    _started(path)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(WAIT) == 0
+    assert runner.get_return_value(ref) == "finished"  # it finished before the worker left
+    assert len(lines(path)) == 1  # and ran once
+
+
+def test_a_second_sigint_stops_at_once_and_the_job_goes_back(idle_cluster, tmp_path):
+    worker = start_worker(idle_cluster, 1)
+    runner = Worky(backend=idle_cluster.backend)
+    path = str(tmp_path / "pids")
+    ref = runner.enqueue("pid_then_sleep", path, 30.0, "slow")
+    _started(path)
+    worker.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(10) != 0
+    stats = idle_cluster.backend.queue.stats()
+    assert stats.ready + stats.reserved == 1  # handed back (reserved until its dead consumer is noticed)
+    with pytest.raises(packmule.NotReady):
+        runner.get_return_value(ref)
+
+
+def test_max_jobs_per_child_recycles_worker_processes(idle_cluster, tmp_path):
+    worker = start_worker(idle_cluster, 1, "--max-jobs-per-child", "2")
+    try:
+        runner = Worky(backend=idle_cluster.backend, record_return_values=True)
+        path = str(tmp_path / "pids")
+        for i in range(6):  # one at a time, so each child counts exactly
+            runner.deferred_result("total", [runner.enqueue("pid_then_sleep_item", i, path, 0.0)])
+        assert len(set(lines(path))) >= 3
+    finally:
+        stop_worker(worker)
+
+
+def test_a_worker_whose_servers_vanish_says_so_and_recovers(idle_cluster, tmp_path):
+    log = tmp_path / "worker.log"
+    env = dict(idle_cluster.extras["env"])
+    with open(log, "w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "packmule", "worker", "-c", "1"], env=env,
+                                  cwd=idle_cluster.extras["root"], stderr=out, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        idle_cluster.extras["beanstalkd"].stop()
+        time.sleep(2.5)
+        assert worker.poll() is None, "the worker exited"
+        assert "retrying" in log.read_text() and idle_cluster.extras["beanstalkd"].address in log.read_text()
+        idle_cluster.extras["beanstalkd"].start()
+        runner = Plain(backend=idle_cluster.backend, record_return_values=True)
+        assert runner.deferred_result("work", [runner.enqueue("work", 7)]) == [7]
+    finally:
+        stop_worker(worker)
+
+
+def test_status_lists_progress_and_failures(cluster):
+    runner = Flaky(backend=cluster.backend, max_retries=0)
+    runner.enqueue("parent", ["fine", "bad-status"])
+    runner.wait(timeout=WAIT)
+    out = _cli(cluster, "status", runner.name)
+    assert out.returncode == 0, out.stderr
+    assert "3.0 / 3.0" in out.stdout and "failed 2" in out.stdout
+    assert "ValueError: always fails: bad-status" in out.stdout
+
+
+def test_progress_command_prints_and_watches(cluster):
+    runner = Plain(backend=cluster.backend)
+    runner.enqueue_each("work", range(3))
+    runner.wait(timeout=WAIT)
+    assert _cli(cluster, "progress", runner.name).stdout.strip() == "3.0 / 3.0"
+    watched = _cli(cluster, "progress", runner.name, "--watch")
+    assert watched.returncode == 0 and "3.0 / 3.0" in watched.stdout
+
+
+def test_the_backend_refuses_to_start_without_a_secret(cluster):
+    env = {k: v for k, v in cluster.extras["env"].items() if k != "PACKMULE_SECRET"}
+    out = subprocess.run([sys.executable, "-m", "packmule", "worker", "-c", "1"], env=env, capture_output=True,
+                         text=True, timeout=WAIT, cwd=cluster.extras["root"])
+    assert out.returncode == 2 and "PACKMULE_SECRET" in out.stderr
+
+
+def test_an_unreachable_server_is_named_with_its_variable(tmp_path):
+    from packmule.backends.beanstalk import BeanstalkBackend
+
+    from conformance.servers import free_port
+
+    backend = BeanstalkBackend.from_env({"PACKMULE_BEANSTALKD": f"127.0.0.1:{free_port()}",
+                                         "PACKMULE_MEMCACHED": f"127.0.0.1:{free_port()}",
+                                         "PACKMULE_ZOOKEEPER": f"127.0.0.1:{free_port()}",
+                                         "PACKMULE_SECRET": "s"})
+    try:
+        with pytest.raises(packmule.BackendUnavailable, match="PACKMULE_BEANSTALKD"):
+            Plain(backend=backend).enqueue("work")
+    finally:
+        backend.close()
+
+
+def test_env_var_switches_backend_without_code_change(cluster):
+    code = ("import packmule\n"
+            "from conformance.runners import SleepyRunner\n"
+            "r = SleepyRunner('switch-test')\n"
+            "print(type(r.backend).__name__, r.run(5) >= 0, r.update_progress())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.extras["env"], cwd=cluster.extras["root"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["BeanstalkBackend", "True", "5.0", "/", "5.0"]
+
+
+def test_job_processes_are_children_of_the_worker(cluster):
+    assert len(cluster.worker_pids()) == 2
+    assert all(pid != os.getpid() for pid in cluster.worker_pids())
