@@ -149,11 +149,31 @@ class Worky(packmule.Runner):
                 f.write(f"{value + 1}\n")
         return i
 
+    def incr_noop(self, i: int) -> int:
+        return i
+
     def incr(self, i: int, key: str) -> int | None:
         return self.backend.store.incr_many({key: 1})[key]
 
     def add(self, i: int, key: str) -> bool:
         return key in self.backend.store.add_many({key: str(i).encode()}, 60)
+
+
+_HOARD: list[bytes] = []  # memory a job keeps in its worker process
+
+
+class Hog(packmule.Runner):
+    record_return_values = True
+
+    def hog(self, mib: int) -> int:
+        _HOARD.append(b"x" * (mib << 20))
+        return os.getpid()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def first(self, values: list[int]) -> int:
+        return values[0]
 
 
 class Unpicklable:

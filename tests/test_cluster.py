@@ -163,6 +163,21 @@ def test_max_jobs_per_child_recycles_worker_processes(idle_cluster, tmp_path):
         stop_worker(worker)
 
 
+def test_max_memory_per_child_recycles_a_bloated_worker_process(idle_cluster):
+    from conformance.runners import Hog
+
+    worker = start_worker(idle_cluster, 1, "--max-memory-per-child", "100")
+    try:
+        runner = Hog(backend=idle_cluster.backend)
+        bloated = runner.deferred_result("first", [runner.enqueue("hog", 150)])
+        deadline = time.monotonic() + WAIT
+        while runner.deferred_result("first", [runner.enqueue("pid")]) == bloated:
+            assert time.monotonic() < deadline, "the bloated process was not recycled"
+            time.sleep(0.5)
+    finally:
+        assert stop_worker(worker) == 0
+
+
 def test_a_worker_whose_servers_vanish_says_so_and_recovers(idle_cluster, tmp_path):
     log = tmp_path / "worker.log"
     env = dict(idle_cluster.extras["env"])
@@ -180,6 +195,25 @@ def test_a_worker_whose_servers_vanish_says_so_and_recovers(idle_cluster, tmp_pa
         assert runner.deferred_result("work", [runner.enqueue("work", 7)]) == [7]
     finally:
         stop_worker(worker)
+
+
+def test_the_worker_logs_a_line_per_job_state_change_with_run_and_job(idle_cluster, tmp_path):
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "packmule", "worker", "-c", "1", "--log-level", "INFO"],
+                                  env=idle_cluster.extras["env"], cwd=idle_cluster.extras["root"], stderr=out,
+                                  stdin=subprocess.DEVNULL)
+    try:
+        runner = Flaky(backend=idle_cluster.backend, max_retries=1)
+        ok, bad = runner.enqueue("ok", 1), runner.enqueue("always", "logged")
+        runner.wait(timeout=WAIT)
+    finally:
+        stop_worker(worker)
+    text = log.read_text()
+    assert f"run {runner.name} job {ok.id} ok: done" in text
+    assert f"run {runner.name} job {bad.id} always: retrying" in text
+    assert f"run {runner.name} job {bad.id} always: failed" in text
+    assert "WARNING" in text and "always fails: logged" in text
 
 
 def test_status_lists_progress_and_failures(cluster):
@@ -208,17 +242,15 @@ def test_the_backend_refuses_to_start_without_a_secret(cluster):
     assert out.returncode == 2 and "PACKMULE_SECRET" in out.stderr
 
 
-def test_an_unreachable_server_is_named_with_its_variable(tmp_path):
+@pytest.mark.parametrize("variable", ["PACKMULE_BEANSTALKD", "PACKMULE_MEMCACHED"])
+def test_an_unreachable_server_is_named_with_its_variable(cluster, variable):
+    from conformance.servers import free_port
     from packmule.backends.beanstalk import BeanstalkBackend
 
-    from conformance.servers import free_port
-
-    backend = BeanstalkBackend.from_env({"PACKMULE_BEANSTALKD": f"127.0.0.1:{free_port()}",
-                                         "PACKMULE_MEMCACHED": f"127.0.0.1:{free_port()}",
-                                         "PACKMULE_ZOOKEEPER": f"127.0.0.1:{free_port()}",
-                                         "PACKMULE_SECRET": "s"})
+    closed = f"127.0.0.1:{free_port()}"
+    backend = BeanstalkBackend.from_env({**cluster.env, variable: closed})
     try:
-        with pytest.raises(packmule.BackendUnavailable, match="PACKMULE_BEANSTALKD"):
+        with pytest.raises(packmule.BackendUnavailable, match=f"{closed}.*{variable}"):
             Plain(backend=backend).enqueue("work")
     finally:
         backend.close()

@@ -77,6 +77,12 @@ class BeanstalkBackend(Backend):
     def secret(self) -> bytes:
         return self._secret
 
+    @property
+    def worker_hint(self) -> str:
+        """What a wait that finds no worker tells the user to do."""
+        return (f"start one with `packmule worker` on a machine whose PACKMULE_BEANSTALKD is "
+                f"{','.join(self.queue.servers.names)} and PACKMULE_TUBE is {self.tube}")
+
     def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         return self.locks.lock(name, timeout)
 
