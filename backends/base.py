@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 
@@ -103,6 +103,14 @@ class Store(abc.ABC):
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The present keys with their values; absent keys are left out.
         Counters read back as their decimal ``bytes``."""
+
+    def get_many_soon(self, keys: Sequence[str]) -> Callable[[], dict[str, bytes]]:
+        """Start a ``get_many(keys)``; calling the returned function (once, at
+        most) gives its result or raises its error, with the values as of some
+        moment between the two calls.  A reader can so check one batch of values
+        while the store fetches the next.  Optional: this default reads at once."""
+        got = self.get_many(keys)
+        return lambda: got
 
     @abc.abstractmethod
     def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:

@@ -7,12 +7,20 @@ blob is refused with :class:`Forged` and never reaches pickle.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import pickle
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
+
+try:
+    # OpenSSL's HMAC object itself, not the pure-Python hmac.HMAC wrapper around
+    # it: copying it per blob costs a third as much (a value is signed on a
+    # worker and checked on the driver, so this is paid per job)
+    from _hashlib import hmac_new as _hmac_new
+except ImportError:  # no OpenSSL-backed _hashlib: the same HMAC, slower
+    _hmac_new = hmac.new  # type: ignore[assignment]
 
 TAG = 32  # bytes of HMAC-SHA256
 PROTOCOL = 5
@@ -43,23 +51,46 @@ class Signer:
     def __init__(self, secret: bytes) -> None:
         if not secret:
             raise ValueError("the signing secret is empty")
-        self._inner = hmac.new(secret, digestmod=hashlib.sha256)
+        self._inner = _hmac_new(secret, digestmod="sha256")
 
     def sign(self, payload: bytes) -> bytes:
-        mac = self._inner.copy()
-        mac.update(payload)
-        return mac.digest() + payload
+        return self.sign_many([payload])[0]
+
+    def sign_many(self, payloads: Iterable[bytes]) -> list[bytes]:
+        """``sign`` of each payload, in one call (a worker signs a value per job)."""
+        inner, out = self._inner, []
+        for payload in payloads:
+            mac = inner.copy()
+            mac.update(payload)
+            out.append(mac.digest() + payload)
+        return out
 
     def payload(self, blob: bytes) -> bytes:
         """The payload of a correctly signed blob; :class:`Forged` otherwise."""
-        mac = self._inner.copy()
-        mac.update(blob[TAG:])
-        if len(blob) < TAG or not hmac.compare_digest(mac.digest(), blob[:TAG]):
-            raise Forged("signature mismatch: not made with this PACKMULE_SECRET (or tampered with)")
-        return blob[TAG:]
+        return self.payloads([blob])[0]
+
+    def payloads(self, blobs: Iterable[bytes]) -> list[bytes]:
+        """``payload`` of each blob, in one call: a driver checks its values by
+        the thousand, and two Python calls per value would cost a sixth more."""
+        inner, out = self._inner, []
+        for blob in blobs:
+            payload = blob[TAG:]
+            mac = inner.copy()
+            mac.update(payload)
+            if len(blob) < TAG or not hmac.compare_digest(mac.digest(), blob[:TAG]):
+                raise Forged("signature mismatch: not made with this PACKMULE_SECRET (or tampered with)")
+            out.append(payload)
+        return out
 
     def dumps(self, obj: Any) -> bytes:
         return self.sign(dumps(obj))
 
+    def dumps_many(self, objs: Iterable[Any]) -> list[bytes]:
+        return self.sign_many(map(dumps, objs))
+
     def loads(self, blob: bytes) -> Any:
         return pickle.loads(self.payload(blob))
+
+    def loads_many(self, blobs: Iterable[bytes]) -> list[Any]:
+        """``loads`` of each blob; every one is checked before any is unpickled."""
+        return list(map(pickle.loads, self.payloads(blobs)))

@@ -22,17 +22,17 @@ import logging
 import pickle
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
 from packmule._codec import Forged, Signer
-from packmule._errors import JobFailed
 from packmule._state import GONE, blob_key, job_id, prefix, records, value_key
 from packmule._types import JobRef
+from packmule._watchdog import Watchdog
 from packmule._wire import Task, decode, encode
 from packmule.backends.base import Backend, Put, Reserved
 
@@ -105,19 +105,81 @@ def _short_repr(args: Any) -> str:
 class Outcome:
     """What became of one task in a batch."""
 
-    __slots__ = ("item", "task", "kind", "record", "ctx", "handoff", "spec", "consumed", "p")
+    __slots__ = ("item", "task", "p", "kind", "record", "ctx", "handoff", "spec", "consumed")
 
-    def __init__(self, item: Reserved, task: Task, kind: str, record: tuple[Any, ...] | None = None,
-                 ctx: JobContext | None = None, handoff: str | None = None, spec: Spec | None = None,
-                 p: str | None = None) -> None:
+    def __init__(self, item: Reserved, task: Task, p: str, kind: str, record: tuple[Any, ...] | None = None,
+                 ctx: JobContext | None = None, handoff: str | None = None, spec: Spec | None = None) -> None:
         self.item, self.task = item, task
+        self.p = p  # the run's key prefix
         self.kind = kind  # 'done' | 'raised' | 'retry' | 'poll' | 'ack' | 'bury' | 'handback'
         self.record = record
         self.ctx = ctx
         self.handoff = handoff  # path of the own continuation the job returned
         self.spec = spec  # the task's own spec, when it is a continuation
-        self.consumed: list[str] = []  # value keys to mark gone (record=False)
-        self.p = p or prefix(task.name, task.gen)
+        self.consumed: Sequence[str] = ()  # value keys to mark gone (record=False)
+
+
+class Bundle(NamedTuple):
+    """The tasks of one reserved queue item: they share a run, a method and a
+    runner (``packmule._wire``), so what depends only on those is done once."""
+
+    item: Reserved
+    p: str  # the run's key prefix
+    tasks: list[Task]
+
+
+# Exact types whose values no job can change in place.  JobRef is a tuple of
+# two str with no attributes of its own.
+_IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, JobRef})
+
+
+def _immutable(value: Any) -> bool:
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return True
+    if kind is tuple or kind is frozenset:
+        return all(_immutable(v) for v in value)
+    return False
+
+
+class RunnerMaker:
+    """Makes a fresh runner object per job from one stored runner, so jobs never
+    share mutable state.
+
+    A runner whose attributes are all immutable (the usual case: a name, flags,
+    numbers, strings) is copied shallowly from a prototype: a shallow copy of
+    such an object is as fresh as an unpickled one, and ten times cheaper.  Any
+    other runner, or one whose class customizes ``__getstate__``/``__setstate__``,
+    is unpickled from its state for every job."""
+
+    __slots__ = ("cls", "backend", "attrs", "state")
+
+    def __init__(self, proto: Any, backend: Backend) -> None:
+        from packmule._runner import Runner  # (a circular import at module level)
+
+        cls: Any = type(proto)
+        self.cls, self.backend = cls, backend
+        state = proto.__getstate__()
+        self.attrs: dict[str, Any] | None = None
+        self.state = b""
+        if (cls.__getstate__ is Runner.__getstate__ and cls.__setstate__ is Runner.__setstate__
+                and all(_immutable(v) for v in state.values())):
+            self.attrs = self._build(state).__dict__
+        else:
+            self.state = cloudpickle.dumps(state, 5)
+
+    def _build(self, state: Any) -> Any:
+        obj = self.cls.__new__(self.cls)
+        obj.__setstate__(state)
+        obj.__dict__["_pm_backend"] = self.backend
+        return obj
+
+    def __call__(self) -> Any:
+        if self.attrs is None:
+            return self._build(pickle.loads(self.state))
+        obj = self.cls.__new__(self.cls)
+        obj.__dict__ = self.attrs.copy()
+        return obj
 
 
 class Engine:
@@ -127,15 +189,17 @@ class Engine:
         self.backend, self.ttl = backend, ttl
         self.signer = Signer(backend.secret())
         self.queue, self.store = backend.queue, backend.store
-        self._runners: dict[str, tuple[Any, bytes]] = {}
+        self.watchdog = Watchdog.current = Watchdog(backend.queue)
+        self._runners: dict[str, RunnerMaker] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
 
     # --- decoding ------------------------------------------------------------
-    def decode(self, items: Sequence[Reserved]) -> list[tuple[Reserved, Task]]:
+    def decode(self, items: Sequence[Reserved]) -> list[Bundle]:
         out = []
         for item in items:
             try:
-                out += [(item, task) for task in decode(self.signer, item.body)]
+                tasks = decode(self.signer, item.body)
+                out.append(Bundle(item, prefix(tasks[0].name, tasks[0].gen), tasks))
             except Forged as exc:
                 log.warning("buried job %s on %s: %s; it was not unpickled", item.handle, item.server, exc)
                 self.queue.bury(item.handle)
@@ -144,149 +208,145 @@ class Engine:
                 self.queue.bury(item.handle)
         return out
 
-    def runner(self, digest: str, blob: bytes | None) -> Any:
-        """A fresh runner object for a job: unpickled once per digest, then
-        copied per job, so jobs never share mutable state."""
-        cached = self._runners.get(digest)
-        if cached is None:
+    def runner(self, digest: str, got: dict[str, bytes]) -> Any:
+        """A fresh runner object for a job: unpickled once per digest (its blob
+        is in ``got`` when not cached), then copied per job."""
+        maker = self._runners.get(digest)
+        if maker is None:
+            blob = got.get(blob_key(digest))
             if blob is None:
                 raise LookupError(f"runner {digest} is gone from the store")
             if len(self._runners) >= 1024:
                 self._runners.clear()
-            proto = self.signer.loads(blob)
-            cls: Any = type(proto)
-            cached = (cls, cloudpickle.dumps(proto.__getstate__(), 5))
-            self._runners[digest] = cached
-        cls, state = cached
-        obj: Any = cls.__new__(cls)
-        obj.__setstate__(pickle.loads(state))
-        obj.__dict__["_pm_backend"] = self.backend
-        return obj
+            maker = self._runners[digest] = RunnerMaker(self.signer.loads(blob), self.backend)
+        return maker()
 
     # --- running ---------------------------------------------------------------
     def run_batch(self, items: Sequence[Reserved]) -> int:
         """Run and commit a batch; returns how many tasks ran user code."""
-        tasks = self.decode(items)
-        if not tasks:
+        bundles = self.decode(items)
+        if not bundles:
             return 0
+        for item, _, tasks in bundles:
+            self.watchdog.hold(item.handle, tasks[0].ttr)
         keys: set[str] = set()
-        per_item = Counter(id(item) for item, _ in tasks)
-        for item, t in tasks:
-            p = prefix(t.name, t.gen)
+        for _, p, tasks in bundles:
+            first = tasks[0]
             keys.update((p + "total", p + "cancel"))
-            if per_item[id(item)] == 1:  # a lone job may be a re-delivery of a completed one
-                keys.add(p + "v:" + t.path)
-            if t.method is None:
-                keys.add(p + "spec:" + t.path)
-            if t.digest not in self._runners:
-                keys.add(blob_key(t.digest))
+            if len(tasks) == 1:  # a lone job may be a re-delivery of a completed one
+                keys.add(p + "v:" + first.path)
+            if first.method is None:
+                keys.update(p + "spec:" + t.path for t in tasks)
+            if first.digest not in self._runners:
+                keys.add(blob_key(first.digest))
         got = self.store.get_many(list(keys))
-        specs = {}
-        for _, t in tasks:
-            if t.method is None:
-                raw = got.get(prefix(t.name, t.gen) + "spec:" + t.path)
-                if raw is not None:
-                    specs[t.path, t.name, t.gen] = Spec(**self.signer.loads(raw))
+        specs = {}  # spec key -> Spec
+        for _, p, tasks in bundles:
+            if tasks[0].method is None:
+                for t in tasks:
+                    raw = got.get(p + "spec:" + t.path)
+                    if raw is not None:
+                        specs[p + "spec:" + t.path] = Spec(**self.signer.loads(raw))
         inputs = sorted({i for s in specs.values() for i in s.inputs})
         trail: list[str] = []
         recs = records(self.store, self.signer, inputs, trail) if inputs else {}
 
         outcomes: list[Outcome] = []
-        tasks = self._split_unknown(tasks, outcomes)
+        self._split_unknown(bundles, outcomes)
         started = time.monotonic()
         ran = 0
-        prefixes: dict[tuple[str, str], str] = {}
-        for n, (item, t) in enumerate(tasks):
-            if n and time.monotonic() - started > HANDBACK_AFTER:
-                outcomes.extend(Outcome(i, tt, "handback") for i, tt in tasks[n:])
-                break
-            p = prefixes.get((t.name, t.gen)) or prefixes.setdefault((t.name, t.gen), prefix(t.name, t.gen))
+        for b, (item, p, tasks) in enumerate(bundles):
+            first = tasks[0]
             if p + "total" not in got:
-                log.warning("buried job %s: run %r has no state in the store (lost or forgotten)",
-                            job_id(t.name, t.gen, t.path), t.name)
-                outcomes.append(Outcome(item, t, "bury"))
-            elif p + "cancel" in got or p + "v:" + t.path in got:
-                outcomes.append(Outcome(item, t, "ack"))  # cancelled, or a re-run of a completed job
-            elif t.method is None:
-                spec = specs.get((t.path, t.name, t.gen))
+                log.warning("buried %d job(s) from %s: run %r has no state in the store (lost or forgotten)",
+                            len(tasks), job_id(first.name, first.gen, first.path), first.name)
+                outcomes.extend(Outcome(item, t, p, "bury") for t in tasks)
+                continue
+            if p + "cancel" in got or (len(tasks) == 1 and p + "v:" + first.path in got):
+                outcomes.extend(Outcome(item, t, p, "ack") for t in tasks)  # cancelled, or a completed job re-run
+                continue
+            for n, t in enumerate(tasks):
+                if (b or n) and time.monotonic() - started > HANDBACK_AFTER:
+                    outcomes.extend(Outcome(item, tt, p, "handback") for tt in tasks[n:])
+                    outcomes.extend(Outcome(i, tt, pp, "handback") for i, pp, rest in bundles[b + 1:] for tt in rest)
+                    break
+                if t.method is not None:
+                    outcomes.append(self._call(item, t, p, t.method, got))
+                    ran += 1
+                    continue
+                spec = specs.get(p + "spec:" + t.path)
                 if spec is None:
                     log.warning("buried continuation %s: its spec is gone from the store",
                                 job_id(t.name, t.gen, t.path))
-                    outcomes.append(Outcome(item, t, "bury"))
+                    outcomes.append(Outcome(item, t, p, "bury"))
                     continue
-                outcomes.append(self._run_continuation(item, t, spec, recs, got, trail))
+                outcomes.append(self._run_continuation(item, t, p, spec, recs, got, trail))
                 ran += 1
             else:
-                outcomes.append(self._call(item, t, t.method, got, p=p))
-                ran += 1
+                continue
+            break  # handed back the rest of the batch
         took = (time.monotonic() - started) / max(ran, 1)
-        for method in {t.method for _, t in tasks if t.method is not None}:
+        for method in {tasks[0].method for _, _, tasks in bundles if tasks[0].method is not None}:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
         self.commit(outcomes)
         return ran
 
-    def _split_unknown(self, tasks: list[tuple[Reserved, Task]],
-                       outcomes: list[Outcome]) -> list[tuple[Reserved, Task]]:
+    def _split_unknown(self, bundles: list[Bundle], outcomes: list[Outcome]) -> None:
         """Of a bundle whose method is not known to be quick, keep the first job
         and hand the rest back (as one new bundle) for any worker to take."""
-        keep: list[tuple[Reserved, Task]] = []
-        for n, (item, t) in enumerate(tasks):
-            first = n == 0 or tasks[n - 1][0] is not item
-            if first or t.method is None or self._speed.get(t.method, 1.0) < FAST:
-                keep.append((item, t))
-            else:
-                outcomes.append(Outcome(item, t, "handback"))
-        return keep
+        for item, p, tasks in bundles:
+            method = tasks[0].method
+            if len(tasks) > 1 and method is not None and self._speed.get(method, 1.0) >= FAST:
+                outcomes.extend(Outcome(item, t, p, "handback") for t in tasks[1:])
+                del tasks[1:]
 
-    def _call(self, item: Reserved, t: Task, method: str, got: dict[str, bytes],
-              lead: tuple[Any, ...] = (), p: str | None = None) -> Outcome:
-        args, kwargs = t.args, t.kwargs
+    def _call(self, item: Reserved, t: Task, p: str, method: str, got: dict[str, bytes],
+              lead: tuple[Any, ...] = ()) -> Outcome:
         try:
-            runner = self.runner(t.digest, got.get(blob_key(t.digest)))
-            fn: Callable[..., Any] = getattr(runner, method)
+            fn: Callable[..., Any] = getattr(self.runner(t.digest, got), method)
         except Exception as exc:
             info = failure_info(t, method, "<not loaded>", exc)
             log.warning("job %s cannot be loaded: %s: %s", info["job"], info["exc_type"], exc)
-            return Outcome(item, t, "raised", record=("err", info))
+            return Outcome(item, t, p, "raised", ("err", info))
         ctx = JobContext(self.backend, t, item.handle)
         token = current.set(ctx)
         try:
-            value = fn(*lead, *args, **kwargs)
+            value = fn(*lead, *t.args, **t.kwargs)
         except Exception as exc:
-            shown = (*lead, *args) if not lead else ("<values>", *args)
-            return Outcome(item, t, "raised", record=("err", failure_info(t, method, shown, exc)))
+            shown = (*lead, *t.args) if not lead else ("<values>", *t.args)
+            return Outcome(item, t, p, "raised", ("err", failure_info(t, method, shown, exc)))
         finally:
             current.reset(token)
         if isinstance(value, JobRef):
             name, gen, path = value.parts
             if (name, gen) == (t.name, t.gen) and path in ctx.deferreds:
-                return Outcome(item, t, "done", ctx=ctx, handoff=path)
-            return Outcome(item, t, "done", ("ref", value.id), ctx)
-        return Outcome(item, t, "done", ("ok", value), ctx, p=p)
+                return Outcome(item, t, p, "done", None, ctx, handoff=path)
+            return Outcome(item, t, p, "done", ("ref", value.id), ctx)
+        return Outcome(item, t, p, "done", ("ok", value), ctx)
 
-    def _run_continuation(self, item: Reserved, t: Task, spec: Spec, recs: dict[str, tuple[Any, ...]],
+    def _run_continuation(self, item: Reserved, t: Task, p: str, spec: Spec, recs: dict[str, tuple[Any, ...]],
                           got: dict[str, bytes], trail: list[str]) -> Outcome:
         values = []
         for ref_id in spec.inputs:
             rec = recs.get(ref_id)
             if rec is None:
-                return Outcome(item, t, "poll", spec=spec)
+                return Outcome(item, t, p, "poll", spec=spec)
             if rec[0] == "err":
                 info = dict(rec[1])
                 via = info.get("via", "")
                 info["via"] = (f"deferred_result {spec.method} ({job_id(t.name, t.gen, t.path)}) "
                                f"got the failed input {ref_id}\n" + via)
-                return Outcome(item, t, "done", ("err", info), spec=spec)
+                return Outcome(item, t, p, "done", ("err", info), spec=spec)
             if rec[0] == "gone":
                 info = {"job": job_id(t.name, t.gen, t.path), "method": spec.method, "args": "",
                         "exc_type": "ValuesNotRecorded",
                         "message": f"input {ref_id} was already consumed by another deferred_result "
                                    "and record_return_values is False", "traceback": ""}
-                return Outcome(item, t, "done", ("err", info), spec=spec)
+                return Outcome(item, t, p, "done", ("err", info), spec=spec)
             values.append(rec[1])
         args, kwargs = spec.call
         call_task = t._replace(args=args, kwargs=kwargs, digest=spec.digest)
-        out = self._call(item, call_task, spec.method, got, lead=(values,))
+        out = self._call(item, call_task, p, spec.method, got, lead=(values,))
         out.task, out.spec = t, spec
         if not spec.record:
             out.consumed = [value_key(i) for i in spec.inputs] + [value_key(i) for i in trail]
@@ -294,12 +354,16 @@ class Engine:
 
     # --- committing --------------------------------------------------------------
     def commit(self, outcomes: list[Outcome]) -> None:
+        self.watchdog.settle()
         self._settle_raised(outcomes)
         done = [o for o in outcomes if o.kind == "done"]
         adds: dict[str, bytes | int] = {}
+        valued: list[tuple[str, Outcome]] = []  # (value key, outcome) of those that store a value
+        enqueued: list[Outcome] = []  # those that enqueued jobs or continuations
         for o in done:
             t, p, ctx = o.task, o.p, o.ctx
             if ctx is not None and (ctx.children or ctx.deferreds):
+                enqueued.append(o)
                 adds.update((blob_key(d), b) for d, b in ctx.blobs.items())
                 adds[p + "cm:" + t.path] = b"1"
                 for path, spec in ctx.deferreds.items():
@@ -310,37 +374,38 @@ class Engine:
                     adds[p + "n:" + path] = 0
                     adds[p + "spec:" + path] = self.signer.dumps(vars(spec))
             if o.handoff is None:
-                assert o.record is not None
-                adds[p + "v:" + t.path] = self.signer.dumps(o.record)
+                valued.append((p + "v:" + t.path, o))
+        adds.update(zip([key for key, _ in valued], self.signer.dumps_many(o.record for _, o in valued),
+                        strict=True))
         won = self.store.add_many(adds, self.ttl) if adds else set()
 
         deltas: dict[str, int] = defaultdict(int)
         sets: dict[str, bytes] = {}
         fire: dict[str, tuple[int, Task]] = {}  # n: key -> (inputs expected, continuation task)
-        failed_paths: dict[str, list[str]] = defaultdict(list)
-        for o in done:
-            t, p, ctx = o.task, o.p, o.ctx
-            if ctx is not None and ctx.children and p + "cm:" + t.path in won:
-                won.discard(p + "cm:" + t.path)  # a job twice in one batch counts once
-                deltas[p + "total"] += len(ctx.children)
-            key = p + "v:" + t.path
-            if o.handoff is not None or key not in won:
-                continue
+        finished: dict[str, int] = defaultdict(int)  # run prefix -> jobs done for good
+        failed_paths: dict[str, list[str]] = defaultdict(list)  # run prefix -> paths of failed jobs
+        for o in enqueued:
+            key = o.p + "cm:" + o.task.path
+            if o.ctx is not None and o.ctx.children and key in won:
+                won.discard(key)  # a job twice in one batch counts once
+                deltas[o.p + "total"] += len(o.ctx.children)
+        for key, o in valued:
+            if key not in won:
+                continue  # another execution completed this job
             won.discard(key)
+            t, p = o.task, o.p
             assert o.record is not None
             failed = o.record[0] == "err"
             if o.spec is None:  # a job: it finishes itself
-                deltas[p + "done"] += 1
+                finished[p] += 1
                 if failed:
-                    deltas[p + "failed"] += 1
                     failed_paths[p].append(t.path)
                 watchers: Sequence[tuple[str, int]] = t.watchers
             else:  # a continuation finishes the jobs that handed their value to it
-                finished = [path for path, is_job in o.spec.finishes if is_job]
-                deltas[p + "done"] += len(finished)
+                jobs = [path for path, is_job in o.spec.finishes if is_job]
+                finished[p] += len(jobs)
                 if failed:
-                    deltas[p + "failed"] += len(finished)
-                    failed_paths[p] += finished
+                    failed_paths[p] += jobs
                 ref = self.signer.dumps(("ref", job_id(t.name, t.gen, t.path)))
                 sets.update((p + "v:" + path, ref) for path, _ in o.spec.finishes)
                 watchers = o.spec.watchers
@@ -350,6 +415,10 @@ class Engine:
             if o.consumed:
                 gone = self.signer.dumps(GONE)
                 sets.update((k, gone) for k in o.consumed)
+        for p, count in finished.items():
+            deltas[p + "done"] += count
+        for p, paths in failed_paths.items():
+            deltas[p + "failed"] += len(paths)
         results = self.store.incr_many(deltas) if deltas else {}
         later: list[Task] = []  # children and continuations to queue
         for key, value in results.items():
@@ -364,11 +433,13 @@ class Engine:
         if sets:
             self.store.set_many(sets, self.ttl)
 
-        for o in done:
-            if o.ctx is not None:
-                later += o.ctx.children
-                later += [self._continuation_task(o.task, path)
-                          for path, spec in o.ctx.deferreds.items() if spec.counted == 0]
+        for o in enqueued:
+            assert o.ctx is not None
+            later += o.ctx.children
+            later += [self._continuation_task(o.task, path)
+                      for path, spec in o.ctx.deferreds.items() if spec.counted == 0]
+        if log.isEnabledFor(logging.INFO):
+            log_outcomes(outcomes)
         self._finish_queue(outcomes, later)
 
     def _settle_raised(self, outcomes: list[Outcome]) -> None:
@@ -377,7 +448,7 @@ class Engine:
         raised = [o for o in outcomes if o.kind == "raised"]
         if not raised:
             return
-        keys = {prefix(o.task.name, o.task.gen) + "try:" + o.task.path: o for o in raised}
+        keys = {o.p + "try:" + o.task.path: o for o in raised}
         self.store.add_many({k: 0 for k in keys}, self.ttl)
         tries = self.store.incr_many({k: 1 for k in keys})
         for key, o in keys.items():
@@ -441,7 +512,17 @@ class Engine:
             self.queue.ack_many(acks)
 
 
-def raise_failure(record: tuple[Any, ...]) -> None:
-    if record[0] == "err":
-        info = record[1]
-        raise JobFailed(info, via=info.get("via", "").strip() or None)
+STATES = {"done": "done", "ack": "dropped (cancelled, or done before)", "bury": "buried (run state gone)",
+          "handback": "handed back", "poll": "waiting for its inputs", "retry": "retrying"}
+
+
+def log_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """One line per job state change, at INFO (failures are logged at WARNING
+    where they happen)."""
+    for o in outcomes:
+        failed = o.kind == "done" and o.record is not None and o.record[0] == "err"
+        state = "failed" if failed else STATES.get(o.kind, o.kind)
+        if o.kind == "retry" and o.record:
+            state = f"retrying in {o.record[0]:.1f}s"
+        log.info("run %s job %s %s: %s", o.task.name, o.task.id, o.task.method or "(continuation)", state)
+

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -19,19 +19,22 @@ import cloudpickle
 from packmule import _config
 from packmule._codec import Signer, dumps
 from packmule._engine import JobContext, Spec, current
-from packmule._errors import Cancelled, NotReady, NoWorkers, RunStateLost, ValuesNotRecorded
-from packmule._state import GONE, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_key
+from packmule._errors import BackendUnavailable, Cancelled, NotReady, NoWorkers, RunStateLost, ValuesNotRecorded
+from packmule._state import GONE, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_keys
 from packmule._types import JobRef, Progress
-from packmule._wire import BUNDLE, Task, pack, shard
-from packmule.backends.base import Backend, Put
+from packmule._watchdog import Watchdog
+from packmule._wire import BUNDLE, Entries, Task, count, expand, pack, shard
+from packmule.backends.base import Backend, Put, Store
 
 log = logging.getLogger("packmule")
 
 POLL_MIN, POLL_MAX = 0.001, 0.1  # s: how often a blocking wait looks again
 NO_WORKERS_WARN, NO_WORKERS_RAISE = 2.0, 6.0  # s without a worker while jobs wait
 STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
+OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
+READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 _stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
 
 
@@ -140,16 +143,19 @@ class Runner:
     # --- enqueue ---------------------------------------------------------------------
     def enqueue(self, method_name: str, *args: Any, **kwargs: Any) -> JobRef:
         """Queue ``self.method_name(*args, **kwargs)`` as a job; returns its JobRef."""
-        return self._enqueue(method_name, [(args, kwargs)])[0]
+        return self._enqueue(method_name, [[(args, kwargs, ())]])[0]
 
     def enqueue_each(self, method_name: str, items: Iterable[Any], *args: Any, **kwargs: Any) -> list[JobRef]:
         """``enqueue(method_name, item, *args, **kwargs)`` for each item, in bulk."""
-        return self._enqueue(method_name, [((item, *args), kwargs) for item in items])
+        items = list(items)
+        # in the form a bundle carries enqueue_each's jobs: nothing built per item
+        return self._enqueue(method_name, [(items[i:i + BUNDLE], args, kwargs) for i in range(0, len(items), BUNDLE)])
 
-    def _enqueue(self, method: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[JobRef]:
+    def _enqueue(self, method: str, chunks: list[Entries]) -> list[JobRef]:
+        """Queue the jobs of ``chunks``: the entries of one bundle each, at most
+        BUNDLE jobs (``packmule._wire``)."""
         self._check_method(method)
         ttr, retries, delay, record = self._options()
-        chunks = [calls[i:i + BUNDLE] for i in range(0, len(calls), BUNDLE)]
         entries = [self._entries(method, chunk) for chunk in chunks]  # refuses a bad item before queueing
         digest, runner_blob = self._runner_blob()
         backend = self.backend
@@ -158,14 +164,16 @@ class Runner:
             gen = ctx.task.gen
             ctx.blobs[digest] = runner_blob
             refs: list[JobRef] = []
-            for args, kwargs in calls:
+            for args, kwargs, _ in (job for chunk in chunks for job in expand(chunk)):
                 path = ctx.next_path()
                 ctx.child_index[path] = len(ctx.children)
                 ctx.children.append(Task(self.name, gen, path, method, args, kwargs, digest, ttr, retries, delay,
                                          record, ()))
                 refs.append(ref_for(backend, self.name, gen, path))
             return refs
-        if not calls:
+        sizes = [count(chunk) for chunk in chunks]
+        jobs = sum(sizes)
+        if not jobs:
             return []
         backend.ensure_workers()
         state = self._state()
@@ -176,8 +184,8 @@ class Runner:
             _stored_blobs.add((id(backend.store), digest))
         # a bundle must be one block of paths (one server): a bulk call takes a
         # range wide enough to start at a multiple of BUNDLE; the gap is unused
-        span = 1 if len(calls) == 1 else len(calls) + BUNDLE - 1
-        counters = backend.store.incr_many({p + "seq": span, p + "total": len(calls)})
+        span = 1 if jobs == 1 else jobs + BUNDLE - 1
+        counters = backend.store.incr_many({p + "seq": span, p + "total": jobs})
         last = counters.get(p + "seq")
         if last is None or counters.get(p + "total") is None:
             self._pm_gen = None
@@ -190,22 +198,24 @@ class Runner:
             backend.store.add_many({p + "root": b"0"}, state.ttl)
         signer = signer_for(backend)
         puts: list[Put] = []
+        for i, (chunk, blob, size) in enumerate(zip(chunks, entries, sizes, strict=True)):
+            first = Task(self.name, gen, str(base + i * BUNDLE), method, (), {}, digest, ttr, retries, delay,
+                         record, ())
+            puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
+        backend.queue.put_many(puts)  # before making the JobRefs: workers start meanwhile
+        head = f"{self.name}/{gen}/"
         refs = []
-        for i, (chunk, blob) in enumerate(zip(chunks, entries, strict=True)):
+        for i, size in enumerate(sizes):
             start = base + i * BUNDLE
-            first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, ())
-            puts += pack(signer, first, blob, len(chunk),
-                         lambda chunk=chunk: [(a, k, ()) for a, k in chunk])  # type: ignore[misc]
             server = backend.queue.server_for(shard(self.name, gen, str(start)))
-            refs += [JobRef.fast(f"{self.name}/{gen}/{start + j}", server) for j in range(len(chunk))]
-        backend.queue.put_many(puts)
+            refs += [JobRef.fast(head + str(start + j), server) for j in range(size)]
         return refs
 
-    def _entries(self, method: str, chunk: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> bytes:
+    def _entries(self, method: str, chunk: Entries) -> bytes:
         try:
-            return dumps([(args, kwargs, ()) for args, kwargs in chunk])
+            return dumps(chunk)
         except Exception:
-            for args, kwargs in chunk:
+            for args, kwargs, _ in expand(chunk):
                 self._serialize(f"the arguments of {method}{args!r}"[:300], (args, kwargs))
             raise
 
@@ -250,37 +260,61 @@ class Runner:
     def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
         """Block until every ref has a value; the values in order, or the first failure."""
         state = self._state()
-        ids = list(dict.fromkeys(r.id for r in refs))
-        keys = [value_key(i) for i in ids]
+        ids = [r[0] for r in refs]  # (r.id, without a property call per ref)
+        gen = self._pm_gen
+        head = f"{self.name}/{gen}/"
+        if gen is not None and all(i.startswith(head) for i in ids):
+            key_head, cut = prefix(self.name, gen) + "v:", len(head)  # value_key, the run's part once
+            ref_keys = [key_head + i[cut:] for i in ids]
+        else:
+            gen = None  # inputs from another run: no counter to gate on
+            ref_keys = value_keys(ids)
+        keys = list(dict.fromkeys(ref_keys))  # each value read once
         signer, store = state.signer, state.store
         recs: dict[str, tuple[Any, ...]] = {}
         refs_to_follow: dict[str, str] = {}
-        waiter = _Waiter(self, f"{len(ids)} jobs for deferred_result", self.wait_timeout)
-        gen = self._pm_gen
-        if gen is None or any(not i.startswith(f"{self.name}/{gen}/") for i in ids):
-            gen = None  # inputs from another run: no counter to gate on
-        pos, seen_done = 0, -1
-        while pos < len(ids):
-            if gen is not None and len(ids) - pos > 100:
-                # read values only when enough jobs finished since the last look:
-                # three counters are cheaper than a thousand values
-                now = state.progress(gen)
-                assert now is not None
-                if now.done - seen_done < min(len(ids) - pos, 1000) and not now.complete:
-                    waiter.pause(f"{len(ids) - pos} of {len(ids)} jobs not done")
-                    continue
-                seen_done = now.done
-            window = [k for k in keys[pos:pos + 2000] if k not in recs][:1000]
-            got = store.get_many(window)
-            for key, raw in got.items():
-                rec = signer.loads(raw)
+        waiter = _Waiter(self, f"{len(keys)} jobs for deferred_result", self.wait_timeout)
+        # Values are read a window of READ_CHUNK keys at a time, from the first one
+        # missing on.  While windows come back full, the reader is behind the
+        # workers: it asks for the next window before it checks the values of this
+        # one, so that the store fetches while it checks.
+        pos = cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
+        seen_done, last_done = -1, -1
+        ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
+        while pos < len(keys):
+            if ahead is None:
+                if gen is not None and len(keys) - pos > 100:
+                    # read values only when enough jobs finished since the last look:
+                    # three counters are cheaper than a thousand values
+                    now = state.progress(gen)
+                    assert now is not None
+                    if now.done != last_done:
+                        # jobs are finishing: keep looking often, so that the values are
+                        # read while workers run and the last ones soon after they exist
+                        last_done = now.done
+                        waiter.progressed()
+                    if now.done - seen_done < min(len(keys) - pos, READ_CHUNK) and not now.complete:
+                        waiter.pause(f"{len(keys) - pos} of {len(keys)} jobs not done")
+                        continue
+                    seen_done = now.done
+                cursor = pos
+                ahead = self._read_ahead(store, keys, cursor, recs)
+                cursor += READ_CHUNK
+            window, answer = ahead
+            got = answer()
+            ahead = None
+            if len(got) == len(window) and cursor < len(keys):
+                # every value asked for was there: more may be, ask for them now
+                ahead = self._read_ahead(store, keys, cursor, recs)
+                cursor += READ_CHUNK
+            for key, rec in zip(got, signer.loads_many(got.values()), strict=True):
                 recs[key] = rec
                 if rec[0] == "ref":
                     refs_to_follow[key] = rec[1]
-            while pos < len(ids) and keys[pos] in recs:
+            while pos < len(keys) and keys[pos] in recs:
                 pos += 1
-            if pos < len(ids) and len(got) < len(window):
-                waiter.pause(f"{len(ids) - pos} of {len(ids)} jobs not done")
+            if ahead is None and pos < len(keys):
+                waiter.pause(f"{len(keys) - pos} of {len(keys)} jobs not done")
             else:
                 waiter.progressed()
         trail: list[str] = list(refs_to_follow.values())
@@ -291,12 +325,21 @@ class Runner:
             refs_to_follow = missing
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
-        by_id = dict(zip(ids, keys, strict=True))
-        values = [unwrap(recs[by_id[r.id]], r.id) for r in refs]  # the first failed raises, in order
+        values = []
+        for ref_id, key in zip(ids, ref_keys, strict=True):
+            rec = recs[key]
+            # the common case inline; unwrap raises for a failure (the first, in order)
+            values.append(rec[1] if rec[0] == "ok" else unwrap(rec, ref_id))
         if not self.record_return_values:
-            gone = signer.dumps(GONE)
-            store.set_many({k: gone for k in [*keys, *(value_key(i) for i in trail)]}, state.ttl)
+            store.set_many(dict.fromkeys([*keys, *value_keys(trail)], signer.dumps(GONE)), state.ttl)
         return values
+
+    @staticmethod
+    def _read_ahead(store: Store, keys: list[str], start: int, recs: dict[str, tuple[Any, ...]]
+                    ) -> tuple[list[str], Callable[[], dict[str, bytes]]]:
+        """Start reading the values of keys[start:start + READ_CHUNK] not read yet."""
+        window = [k for k in keys[start:start + READ_CHUNK] if k not in recs]
+        return window, store.get_many_soon(window)
 
     # --- reading a run ------------------------------------------------------------------
     def _gen(self) -> str | None:
@@ -354,7 +397,11 @@ class Runner:
         bar = None
         try:
             while True:
-                now = self.update_progress()
+                try:
+                    now = self.update_progress()
+                except BackendUnavailable as exc:
+                    waiter.unreachable(exc)
+                    continue
                 if progress and (bar is None or (bar.n, bar.total) != (now.done, now.total)):
                     bar = bar or _bar(self.name)
                     bar.total, bar.n = now.total, now.done
@@ -379,6 +426,8 @@ class Runner:
         ctx = current.get()
         if ctx is not None:
             ctx.backend.queue.touch(ctx.handle)
+            if Watchdog.current is not None:
+                Watchdog.current.touch(ctx.handle)
 
     def cancel(self) -> None:
         """Drop the run's jobs not yet started; waiting on the run raises Cancelled."""
@@ -408,9 +457,22 @@ class _Waiter:
         self.delay = POLL_MIN
         self.idle_since: float | None = None
         self.empty_since: float | None = None
+        self.outage_since: float | None = None
 
     def progressed(self) -> None:
         self.delay = POLL_MIN
+        self.outage_since = None
+
+    def unreachable(self, exc: BackendUnavailable) -> None:
+        """A server did not answer: wait for it (workers reconnect too), saying
+        so, up to OUTAGE_GRACE seconds; then give up with its error."""
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
+            log.warning("run %r: %s; waiting up to %.0fs for it to come back", self.runner.name, exc, OUTAGE_GRACE)
+        elif now - self.outage_since > OUTAGE_GRACE:
+            raise exc
+        time.sleep(0.5)
 
     def pause(self, status: str) -> None:
         now = time.monotonic()
@@ -419,7 +481,11 @@ class _Waiter:
             raise TimeoutError(f"run {name!r}: waited {self.timeout:g}s for {self.what}; {status}")
         if now - self.last_check >= 0.5:
             self.last_check = now
-            self._check(now, status)
+            try:
+                self._check(now, status)
+                self.outage_since = None
+            except BackendUnavailable as exc:
+                self.unreachable(exc)
         if now - self.last_said >= STILL_WAITING_EVERY:
             self.last_said = now
             log.info("run %r: still waiting for %s (%s)", name, self.what, status)

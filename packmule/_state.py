@@ -65,6 +65,20 @@ def value_key(ref_id: str) -> str:
     return f"{prefix(name, gen)}v:{path}"
 
 
+def value_keys(ref_ids: Sequence[str]) -> list[str]:
+    """``value_key`` of each id; the run's part of the key is built once per run."""
+    heads: dict[str, str] = {}  # 'name/gen' -> 'pm:name:gen:v:'
+    out = []
+    for ref_id in ref_ids:
+        head, _, path = ref_id.rpartition("/")
+        key_head = heads.get(head)
+        if key_head is None:
+            name, gen = head.split("/")
+            key_head = heads[head] = prefix(name, gen) + "v:"
+        out.append(key_head + path)
+    return out
+
+
 def new_gen() -> str:
     return os.urandom(4).hex()
 

@@ -14,6 +14,7 @@ queue times it out, or when the process is resumed, whichever comes first.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -59,7 +60,5 @@ class Watchdog:
                 for handle in late:
                     del self._held[id(handle)]
             for handle in late:
-                try:
+                with contextlib.suppress(Exception):  # the queue is unreachable: its own timeout will do it
                     self.queue.release(handle, 0.0)
-                except Exception:  # the queue is unreachable: its own timeout will do it
-                    pass

@@ -7,9 +7,12 @@ identity, value key and effects, and a worker splits a bundle of slow or
 unknown jobs so that other workers get a share (``packmule._engine``).
 
 Payload: ``(name, gen, method, digest, ttr, max_retries, retry_delay, record,
-path_prefix, start, entries)`` with ``entries`` the pickled list of
-``(args, kwargs, watchers)``.  ``method`` None is a continuation, whose method
-and inputs are in the store under its spec key.
+path_prefix, start, entries)`` with ``entries`` pickled, in one of two forms:
+a list of ``(args, kwargs, watchers)``, one per job; or, from
+``enqueue_each``, a tuple ``(items, args, kwargs)``: job ``i`` runs with
+``(items[i], *args)`` and ``kwargs`` and has no watchers (the driver then
+builds nothing per job, and the pickle is smaller).  ``method`` None is a
+continuation, whose method and inputs are in the store under its spec key.
 """
 
 from __future__ import annotations
@@ -23,6 +26,24 @@ from packmule.backends.base import Put
 
 BUNDLE = 64  # jobs per queue item, at most
 MAX_BYTES = 48_000  # a bundle bigger than this is split (beanstalkd's default limit is 65,535)
+
+
+# a job in a bundle: (args, kwargs, watchers)
+Entry = tuple[tuple[Any, ...], dict[str, Any], tuple[tuple[str, int], ...]]
+# a bundle's jobs: a list of Entry, or enqueue_each's (items, args, kwargs)
+Entries = list[Entry] | tuple[Sequence[Any], tuple[Any, ...], dict[str, Any]]
+
+
+def expand(entries: Entries) -> list[Entry]:
+    """Each job's ``(args, kwargs, watchers)``, whatever the form of ``entries``."""
+    if isinstance(entries, tuple):
+        items, args, kwargs = entries
+        return [((item, *args), kwargs, ()) for item in items]
+    return entries
+
+
+def count(entries: Entries) -> int:
+    return len(entries[0]) if isinstance(entries, tuple) else len(entries)
 
 
 class Task(NamedTuple):
@@ -87,19 +108,19 @@ def _items(signer: Signer, run: Sequence[Task]) -> list[Put]:
     return pack(signer, run[0], dumps(items), len(run), lambda: items)
 
 
-def pack(signer: Signer, first: Task, entries: bytes, count: int,
-         unpacked: Callable[[], list[Any]] | None = None) -> list[Put]:
-    """Items for ``count`` tasks from ``first`` on, whose entries are pickled
+def pack(signer: Signer, first: Task, entries: bytes, jobs: int,
+         unpacked: Callable[[], list[Entry]] | None = None) -> list[Put]:
+    """Items for ``jobs`` tasks from ``first`` on, whose entries are pickled
     already; a bundle over MAX_BYTES is halved (``unpacked`` gives the entries
     back to split them)."""
     prefix, start = split_path(first.path)
-    if len(entries) > MAX_BYTES and count > 1 and unpacked is not None:
+    if len(entries) > MAX_BYTES and jobs > 1 and unpacked is not None:
         items = unpacked()
-        half = count // 2
+        half = jobs // 2
         second = first._replace(path=f"{prefix}{start + half}")
         head, tail = items[:half], items[half:]
         return (pack(signer, first, dumps(head), half, lambda: head)
-                + pack(signer, second, dumps(tail), count - half, lambda: tail))
+                + pack(signer, second, dumps(tail), jobs - half, lambda: tail))
     payload = (*first.header, prefix, start, entries)
     return [Put(shard(first.name, first.gen, first.path), signer.sign(pickle.dumps(payload, 5)), first.ttr)]
 
@@ -108,6 +129,13 @@ def decode(signer: Signer, body: bytes) -> list[Task]:
     """The tasks in a queue body; raises ``Forged`` before unpickling a bad one."""
     name, gen, method, digest, ttr, retries, delay, record, prefix, start, entries = pickle.loads(
         signer.payload(body))
-    return [Task(name, gen, f"{prefix}{start + i}", method, args, kwargs, digest, ttr, retries, delay, record,
-                 tuple(watchers))
-            for i, (args, kwargs, watchers) in enumerate(pickle.loads(entries))]
+    entries = pickle.loads(entries)
+    make = Task._make  # (a little quicker than Task(...), per job)
+    if isinstance(entries, tuple):  # enqueue_each's form
+        items, args, kwargs = entries
+        return [make((name, gen, f"{prefix}{start + i}", method, (item, *args), kwargs, digest, ttr, retries, delay,
+                      record, ()))
+                for i, item in enumerate(items)]
+    return [make((name, gen, f"{prefix}{start + i}", method, args, kwargs, digest, ttr, retries, delay, record,
+                  tuple(watchers)))
+            for i, (args, kwargs, watchers) in enumerate(entries)]

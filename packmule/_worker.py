@@ -13,7 +13,7 @@ from packmule.backends.base import Backend
 
 log = logging.getLogger("packmule")
 
-MAX_BATCH = 256
+MAX_BATCH = 32
 QUICK, SLOW = 0.01, 0.05  # s a batch may take before it grows / shrinks
 
 

@@ -244,8 +244,9 @@ def test_the_backend_refuses_to_start_without_a_secret(cluster):
 
 @pytest.mark.parametrize("variable", ["PACKMULE_BEANSTALKD", "PACKMULE_MEMCACHED"])
 def test_an_unreachable_server_is_named_with_its_variable(cluster, variable):
-    from conformance.servers import free_port
     from packmule.backends.beanstalk import BeanstalkBackend
+
+    from conformance.servers import free_port
 
     closed = f"127.0.0.1:{free_port()}"
     backend = BeanstalkBackend.from_env({**cluster.env, variable: closed})

@@ -1,13 +1,15 @@
 """The ``local`` backend: worker processes on this machine, no servers.
 
-The first process that uses it becomes the coordinator: it holds the queue and
-the store in memory (``core.py``), listens on a Unix socket in a private temp
-dir, and starts ``PACKMULE_WORKERS`` worker processes (``worker.py``) that
-reach it over that socket.  It exports the socket's address and the secret to
-its environment, so every process it starts - workers, and any process a job
-starts - joins the same backend as a client.  A worker that dies is noticed at
-once (its socket closes): its jobs are ready again and a new worker replaces
-it.  Jobs are serialized and signed exactly as on a cluster.
+The first process that uses it starts a coordinator process (``coordinator.py``)
+that holds the queue and the store in memory (``core.py``) and listens on a Unix
+socket in a private temp dir, then starts ``PACKMULE_WORKERS`` worker processes
+(``worker.py``) that reach it over that socket, as this process does too.  It
+exports the socket's address and the secret to its environment, so every
+process it starts - workers, and any process a job starts - joins the same
+backend as a client.  A worker that dies is noticed at once (its socket
+closes): its jobs are ready again and a new worker replaces it.  The
+coordinator ends with the process that started it.  Jobs are serialized and
+signed exactly as on a cluster.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from multiprocessing.connection import Client, Connection, Listener
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from multiprocessing.connection import Client
 from typing import Any
 
 import filelock
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
-from packmule.backends.local.core import Core, call
 
 from packmule._errors import BackendUnavailable
 
@@ -38,6 +40,7 @@ log = logging.getLogger("packmule")
 
 ADDRESS_VAR, SECRET_VAR = "PACKMULE_LOCAL_ADDRESS", "PACKMULE_LOCAL_SECRET"
 RESTART_PAUSE = 1.0  # s between restarts of a worker that keeps dying at start
+MAX_UNANSWERED = 64  # requests a client posts before it reads their answers
 
 
 def _lock(lock_dir: str, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
@@ -58,57 +61,18 @@ def _filelock(path: str, name: str, timeout: float | None) -> Iterator[None]:
         lock.release()
 
 
-class _CoreQueue(Queue):
-    def __init__(self, core: Core, owner: object) -> None:
-        self.core, self.owner = core, owner
-
-    def server_for(self, shard: str) -> str:
-        return self.core.server
-
-    def put_many(self, jobs: Sequence[Put]) -> None:
-        self.core.put_many(jobs)
-
-    def reserve_many(self, max_count: int, timeout: float) -> list[Reserved]:
-        return self.core.reserve_many(self.owner, max_count, timeout)
-
-    def ack_many(self, handles: Sequence[Any]) -> None:
-        self.core.ack_many(handles)
-
-    def release(self, handle: Any, delay: float) -> None:
-        self.core.release(handle, delay)
-
-    def bury(self, handle: Any) -> None:
-        self.core.bury(handle)
-
-    def touch(self, handle: Any) -> None:
-        self.core.touch(handle)
-
-    def stats(self) -> QueueStats:
-        return self.core.stats()
-
-
-class _CoreStore(Store):
-    def __init__(self, core: Core) -> None:
-        self.core = core
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        return self.core.get_many(keys)
-
-    def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
-        self.core.set_many(items, ttl)
-
-    def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
-        return self.core.add_many(items, ttl)
-
-    def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
-        return self.core.incr_many(deltas)
-
-    def delete_many(self, keys: Sequence[str]) -> None:
-        self.core.delete_many(keys)
+def _wait_or_kill(proc: subprocess.Popen[bytes], deadline: float) -> None:
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class LocalBackend(Backend):
-    """The coordinator: owns the queue, the store and the worker processes."""
+    """The process that started the local backend: it owns the coordinator
+    process and the worker processes, and reaches the queue and the store over
+    the coordinator's socket, like every other process."""
 
     name = "local"
     worker_hint = "the local backend starts its workers itself: see the log for why they are not running"
@@ -117,20 +81,34 @@ class LocalBackend(Backend):
         self._secret = os.urandom(32)
         self._dir = tempfile.mkdtemp(prefix="packmule-")
         self.address = os.path.join(self._dir, "coordinator.sock")
-        self.core = Core(f"local:{os.getpid()}")
-        self.queue = _CoreQueue(self.core, owner=self)
-        self.store = _CoreStore(self.core)
         self.workers = workers or os.cpu_count() or 1
         self.pid = os.getpid()
         self._procs: list[subprocess.Popen[bytes]] = []
         self._closing = threading.Event()
         self._started = False
         self._start_lock = threading.Lock()
-        self._listener = Listener(self.address, family="AF_UNIX", authkey=self._secret)
+        self._coordinator = self._start_coordinator()
+        self._client = LocalClient(self.address, self._secret)
+        self.queue, self.store = self._client.queue, self._client.store
         os.environ[ADDRESS_VAR] = self.address  # children of this process join this backend
         os.environ[SECRET_VAR] = self._secret.hex()
-        threading.Thread(target=self._accept, daemon=True, name="packmule-accept").start()
         atexit.register(self.close)
+
+    def _start_coordinator(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **{ADDRESS_VAR: self.address,
+                                                                         SECRET_VAR: self._secret.hex()})
+        # its stdin is a pipe this process holds: it ends when this process does
+        proc = subprocess.Popen([sys.executable, "-m", "packmule.backends.local.coordinator"], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise BackendUnavailable(f"the local coordinator did not start (exit code {proc.returncode}); "
+                                     "see its error above")
+        proc.stdout.close()
+        return proc
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Backend:
@@ -169,9 +147,12 @@ class LocalBackend(Backend):
                                 stdin=subprocess.DEVNULL)
 
     def _supervise(self) -> None:
-        """Replace any worker that exits; sweep expired keys now and then."""
-        last_sweep = time.monotonic()
+        """Replace any worker that exits."""
         while not self._closing.wait(0.05):
+            if self._coordinator.poll() is not None:
+                log.error("the local coordinator exited with %s: the backend's queue and store are gone",
+                          self._coordinator.returncode)
+                return
             for i, proc in enumerate(self._procs):
                 code = proc.poll()
                 if code is None or self._closing.is_set():
@@ -181,54 +162,10 @@ class LocalBackend(Backend):
                     time.sleep(RESTART_PAUSE)  # dying at start: do not spin
                 self._procs[i] = self._spawn()
                 self._procs[i]._pm_started = time.monotonic()  # type: ignore[attr-defined]
-            if time.monotonic() - last_sweep > 60:
-                self.core.sweep()
-                last_sweep = time.monotonic()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes this backend started (for tests and tools)."""
         return [p.pid for p in self._procs if p.poll() is None]
-
-    # --- serving clients --------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn = self._listener.accept()
-            except OSError:
-                return  # closed
-            except Exception as exc:  # a client with the wrong key: refuse it, keep serving
-                log.warning("local coordinator refused a connection: %r", exc)
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="packmule-conn").start()
-
-    def _serve(self, conn: Connection) -> None:
-        owner = object()
-        worker = False
-        try:
-            while True:
-                op, args = conn.recv()
-                if op == "hello":
-                    worker = args[0] == "worker"
-                    if worker:
-                        with self.core.cond:
-                            self.core.workers += 1
-                    conn.send(("ok", self.core.server))
-                    continue
-                try:
-                    result = ("ok", call(self.core, owner, op, args))
-                except Exception as exc:
-                    result = ("err", exc)
-                conn.send(result)
-        except (EOFError, OSError):
-            pass  # the client's process ended (or closed): its reservations go back now
-        finally:
-            back = self.core.release_owner(owner)
-            if back:
-                log.warning("a local worker went away holding %d jobs; they are ready again", back)
-            if worker:
-                with self.core.cond:
-                    self.core.workers -= 1
-            conn.close()
 
     def close(self) -> None:
         if self._closing.is_set() or self.pid != os.getpid():
@@ -239,12 +176,13 @@ class LocalBackend(Backend):
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         for proc in self._procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._listener.close()
+            _wait_or_kill(proc, deadline)
+        # the coordinator last: draining workers commit through it
+        self._client.close()
+        assert self._coordinator.stdin is not None
+        with contextlib.suppress(OSError):
+            self._coordinator.stdin.close()  # its signal to end
+        _wait_or_kill(self._coordinator, deadline)
         shutil.rmtree(self._dir, ignore_errors=True)
         global _coordinator
         if _coordinator is self:
@@ -254,14 +192,37 @@ class LocalBackend(Backend):
                 del os.environ[var]
 
 
+class _Answer:
+    """The answer to a request that was sent without waiting for it."""
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self) -> None:
+        self.kind: str | None = None  # 'ok' | 'err' once read
+        self.value: Any = None
+
+
 class LocalClient(Backend):
-    """A process other than the coordinator: the same backend over the socket."""
+    """The backend as any process but the coordinator reaches it: over the socket.
+
+    The coordinator handles a connection's requests one at a time, in order, and
+    answers each in that order; so a client need not wait for an answer before
+    it sends its next request, and every later request of this process sees the
+    effect of the earlier ones.  A request whose answer is only "done" (put, ack,
+    release, bury, touch, set, delete) is *posted*: its answer is read with the
+    answer of a later request, and a failure it reports is raised there.  A
+    worker thus does not sit idle for a round trip per call, and its store
+    writes, then its puts, then its acks, still apply in that order.  A
+    ``get_many_soon`` read is answered while its caller works on."""
 
     name = "local"
 
     def __init__(self, address: str, secret: bytes, role: str = "client") -> None:
         self.address, self._secret, self.pid = address, secret, os.getpid()
         self._lock = threading.Lock()
+        # requests sent whose answers are not read yet, oldest first; None for a posted one
+        self._unanswered: deque[_Answer | None] = deque()
+        self._failure: BaseException | None = None  # the first failure of a posted request, not raised yet
         try:
             self._conn = Client(address, family="AF_UNIX", authkey=secret)
         except (OSError, EOFError) as exc:
@@ -277,16 +238,71 @@ class LocalClient(Backend):
         return LocalBackend.from_env(env)
 
     def _call(self, op: str, *args: Any) -> Any:
+        """Send a request and wait for its answer."""
         with self._lock:
             try:
                 self._conn.send((op, args))
+                while self._unanswered:
+                    self._read_answer()
                 kind, value = self._conn.recv()
             except (OSError, EOFError) as exc:
-                raise BackendUnavailable(
-                    f"local coordinator at {self.address} (from {ADDRESS_VAR}) went away: {exc!r}") from exc
+                raise self._gone(exc) from exc
+            self._raise_failure()
         if kind == "err":
             raise value
         return value
+
+    def _post(self, op: str, *args: Any) -> None:
+        """Send a request whose answer is only "done", without waiting for it."""
+        with self._lock:
+            try:
+                self._conn.send((op, args))
+                self._unanswered.append(None)
+                while len(self._unanswered) >= MAX_UNANSWERED:
+                    self._read_answer()
+            except (OSError, EOFError) as exc:
+                raise self._gone(exc) from exc
+            self._raise_failure()
+
+    def _start(self, op: str, *args: Any) -> Callable[[], Any]:
+        """Send a request; the returned function waits for its answer."""
+        answer = _Answer()
+        with self._lock:
+            try:
+                self._conn.send((op, args))
+            except (OSError, EOFError) as exc:
+                raise self._gone(exc) from exc
+            self._unanswered.append(answer)
+
+        def result() -> Any:
+            with self._lock:
+                try:
+                    while answer.kind is None:
+                        self._read_answer()
+                except (OSError, EOFError) as exc:
+                    raise self._gone(exc) from exc
+            if answer.kind == "err":
+                raise answer.value
+            return answer.value
+
+        return result
+
+    def _read_answer(self) -> None:
+        """Read the answer to the oldest request not waited for."""
+        kind, value = self._conn.recv()
+        answer = self._unanswered.popleft()
+        if answer is not None:
+            answer.kind, answer.value = kind, value
+        elif kind == "err" and self._failure is None:
+            self._failure = value
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _gone(self, exc: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(f"local coordinator at {self.address} (from {ADDRESS_VAR}) went away: {exc!r}")
 
     def secret(self) -> bytes:
         return self._secret
@@ -295,6 +311,9 @@ class LocalClient(Backend):
         return _lock(os.path.dirname(self.address), name, timeout)
 
     def close(self) -> None:
+        with self._lock, contextlib.suppress(OSError, EOFError):
+            while self._unanswered:  # (what was sent applies anyway; this only waits for it)
+                self._read_answer()
         self._conn.close()
 
 
@@ -306,22 +325,22 @@ class _ClientQueue(Queue):
         return self.server
 
     def put_many(self, jobs: Sequence[Put]) -> None:
-        self.c._call("put_many", list(jobs))
+        self.c._post("put_many", list(jobs))
 
     def reserve_many(self, max_count: int, timeout: float) -> list[Reserved]:
         return [Reserved(*r) for r in self.c._call("reserve_many", max_count, timeout)]
 
     def ack_many(self, handles: Sequence[Any]) -> None:
-        self.c._call("ack_many", list(handles))
+        self.c._post("ack_many", list(handles))
 
     def release(self, handle: Any, delay: float) -> None:
-        self.c._call("release", handle, delay)
+        self.c._post("release", handle, delay)
 
     def bury(self, handle: Any) -> None:
-        self.c._call("bury", handle)
+        self.c._post("bury", handle)
 
     def touch(self, handle: Any) -> None:
-        self.c._call("touch", handle)
+        self.c._post("touch", handle)
 
     def stats(self) -> QueueStats:
         return QueueStats(*self.c._call("stats"))
@@ -332,19 +351,31 @@ class _ClientStore(Store):
         self.c = client
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        return self.c._call("get_many", list(keys))  # type: ignore[no-any-return]
+        keys = list(keys)
+        return _present(keys, self.c._call("get_list", keys))
+
+    def get_many_soon(self, keys: Sequence[str]) -> Callable[[], dict[str, bytes]]:
+        keys = list(keys)
+        answer = self.c._start("get_list", keys)
+        return lambda: _present(keys, answer())
 
     def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
-        self.c._call("set_many", dict(items), ttl)
+        self.c._post("set_many", dict(items), ttl)
 
     def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
-        return self.c._call("add_many", dict(items), ttl)  # type: ignore[no-any-return]
+        refused = self.c._call("add_refused", dict(items), ttl)  # usually none: not every key sent back
+        return set(items).difference(refused)
 
     def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
         return self.c._call("incr_many", dict(deltas))  # type: ignore[no-any-return]
 
     def delete_many(self, keys: Sequence[str]) -> None:
-        self.c._call("delete_many", list(keys))
+        self.c._post("delete_many", list(keys))
+
+
+def _present(keys: list[str], values: list[bytes | None]) -> dict[str, bytes]:
+    """A get_many result from the coordinator's answer: a value (or None) per key."""
+    return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
 
 
 _coordinator: LocalBackend | None = None

@@ -32,7 +32,12 @@ class Core:
         self.reserved: dict[int, tuple[int, float, object]] = {}  # id -> (token, deadline, owner)
         self.deadlines: list[tuple[float, int, int]] = []  # heap of (deadline, id, token)
         self.buried: set[int] = set()
-        self.kv: dict[str, tuple[bytes | int, float]] = {}  # key -> (value, expires at or 0)
+        # the store: values, and when each expires (keys without a ttl are not in
+        # ``expires``).  Two flat dicts, not one of (value, expiry) pairs: a run
+        # stores a value per job, and a pair per key is an object for the
+        # garbage collector to walk, in the process of the user's driver.
+        self.values: dict[str, bytes | int] = {}
+        self.expires: dict[str, float] = {}
         self.workers = 0
 
     # --- queue ---------------------------------------------------------------------
@@ -139,70 +144,84 @@ class Core:
                               self.workers)
 
     # --- store -----------------------------------------------------------------------
-    def _live(self, key: str, now: float) -> tuple[bytes | int, float] | None:
-        entry = self.kv.get(key)
-        if entry is not None and entry[1] and entry[1] <= now:
-            del self.kv[key]
-            return None
-        return entry
+    def _live(self, key: str, now: float) -> bytes | int | None:
+        """The key's value; None if it is absent or expired (an expired key is dropped)."""
+        value = self.values.get(key)
+        if value is not None:
+            expires = self.expires.get(key)
+            if expires is not None and expires <= now:
+                del self.values[key], self.expires[key]
+                return None
+        return value
 
-    @staticmethod
-    def _expiry(ttl: float, now: float) -> float:
-        return now + ttl if ttl > 0 else 0.0
+    def _store(self, items: Mapping[str, bytes | int], ttl: float, now: float) -> None:
+        self.values.update(items)
+        if ttl > 0:
+            self.expires.update(dict.fromkeys(items, now + ttl))
+        else:
+            for key in items:
+                self.expires.pop(key, None)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return {key: value for key, value in zip(keys, self.get_list(keys), strict=True) if value is not None}
+
+    def get_list(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The value of each key, None where it is absent: what a client is sent
+        (not every key again).  Counters read back as their decimal bytes."""
         now = time.monotonic()
-        out = {}
         with self.cond:
-            for key in keys:
-                entry = self._live(key, now)
-                if entry is not None:
-                    value = entry[0]
-                    out[key] = str(value).encode() if isinstance(value, int) else value
-        return out
+            # (lookups in C: a driver reads its values a thousand at a time)
+            found: list[Any] = list(map(self.values.get, keys))
+            if min(filter(None, map(self.expires.get, keys)), default=now + 1) <= now:
+                found = [self._live(key, now) for key in keys]  # some have expired: drop them
+        if int in map(type, found):
+            found = [str(value).encode() if isinstance(value, int) else value for value in found]
+        return found
 
     def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
-        expires = self._expiry(ttl, time.monotonic())
         with self.cond:
-            for key, value in items.items():
-                self.kv[key] = (value, expires)
+            self._store(items, ttl, time.monotonic())
 
     def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
+        return set(items).difference(self.add_refused(items, ttl))
+
+    def add_refused(self, items: Mapping[str, bytes | int], ttl: float) -> list[str]:
+        """``add_many``, answering with the keys it did NOT add: usually none,
+        so a client is not sent back every key of a batch's values."""
         now = time.monotonic()
-        expires = self._expiry(ttl, now)
-        added = set()
         with self.cond:
-            for key, value in items.items():
-                if self._live(key, now) is None:
-                    self.kv[key] = (value, expires)
-                    added.add(key)
-        return added
+            # (the keys already present, found in C; an expired one may be added again)
+            refused = [key for key in self.values.keys() & items.keys() if self._live(key, now) is not None]
+            if refused:
+                taken = set(refused)
+                items = {key: value for key, value in items.items() if key not in taken}
+            self._store(items, ttl, now)
+        return refused
 
     def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
         now = time.monotonic()
         out: dict[str, int | None] = {}
         with self.cond:
             for key, delta in deltas.items():
-                entry = self._live(key, now)
-                if entry is None:
+                value = self._live(key, now)
+                if value is None:
                     out[key] = None
                     continue
-                value = int(entry[0]) + delta
-                self.kv[key] = (value, entry[1])
-                out[key] = value
+                out[key] = self.values[key] = int(value) + delta  # its expiry stays
         return out
 
     def delete_many(self, keys: Sequence[str]) -> None:
         with self.cond:
             for key in keys:
-                self.kv.pop(key, None)
+                self.values.pop(key, None)
+                self.expires.pop(key, None)
 
     def sweep(self) -> None:
         """Drop expired keys (called now and then)."""
         now = time.monotonic()
         with self.cond:
-            for key in [k for k, (_, exp) in self.kv.items() if exp and exp <= now]:
-                del self.kv[key]
+            for key in [k for k, exp in self.expires.items() if exp <= now]:
+                del self.values[key], self.expires[key]
 
 
 def call(core: Core, owner: object, op: str, args: tuple[Any, ...]) -> Any:
@@ -214,5 +233,5 @@ def call(core: Core, owner: object, op: str, args: tuple[Any, ...]) -> Any:
     return getattr(core, op)(*args)
 
 
-OPS = frozenset({"put_many", "ack_many", "release", "bury", "touch", "stats", "get_many", "set_many",
-                 "add_many", "incr_many", "delete_many"})
+OPS = frozenset({"put_many", "ack_many", "release", "bury", "touch", "stats", "get_many", "get_list", "set_many",
+                 "add_many", "add_refused", "incr_many", "delete_many"})
