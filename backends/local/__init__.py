@@ -33,6 +33,7 @@ from typing import Any
 
 import filelock
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
+from packmule.backends.local.core import receive, send
 
 from packmule._errors import BackendUnavailable
 
@@ -241,10 +242,10 @@ class LocalClient(Backend):
         """Send a request and wait for its answer."""
         with self._lock:
             try:
-                self._conn.send((op, args))
+                send(self._conn, (op, args))
                 while self._unanswered:
                     self._read_answer()
-                kind, value = self._conn.recv()
+                kind, value = receive(self._conn)
             except (OSError, EOFError) as exc:
                 raise self._gone(exc) from exc
             self._raise_failure()
@@ -256,7 +257,7 @@ class LocalClient(Backend):
         """Send a request whose answer is only "done", without waiting for it."""
         with self._lock:
             try:
-                self._conn.send((op, args))
+                send(self._conn, (op, args))
                 self._unanswered.append(None)
                 while len(self._unanswered) >= MAX_UNANSWERED:
                     self._read_answer()
@@ -269,7 +270,7 @@ class LocalClient(Backend):
         answer = _Answer()
         with self._lock:
             try:
-                self._conn.send((op, args))
+                send(self._conn, (op, args))
             except (OSError, EOFError) as exc:
                 raise self._gone(exc) from exc
             self._unanswered.append(answer)
@@ -289,7 +290,7 @@ class LocalClient(Backend):
 
     def _read_answer(self) -> None:
         """Read the answer to the oldest request not waited for."""
-        kind, value = self._conn.recv()
+        kind, value = receive(self._conn)
         answer = self._unanswered.popleft()
         if answer is not None:
             answer.kind, answer.value = kind, value

@@ -23,7 +23,7 @@ import threading
 import time
 from multiprocessing.connection import Connection, Listener
 
-from packmule.backends.local.core import Core, call
+from packmule.backends.local.core import Core, call, receive, send
 
 log = logging.getLogger("packmule")
 
@@ -54,7 +54,7 @@ class Coordinator:
         answering = True
         try:
             while True:
-                op, args = conn.recv()
+                op, args = receive(conn)
                 if op == "hello":
                     worker = args[0] == "worker"
                     if worker:
@@ -68,7 +68,7 @@ class Coordinator:
                         result = ("err", exc)
                 if answering:
                     try:
-                        conn.send(result)
+                        send(conn, result)
                     except OSError:
                         # the client is gone, but what it sent before it went still
                         # applies, in order (it may have posted puts, then acks)

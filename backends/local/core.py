@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import pickle
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 from packmule.backends.base import Put, QueueStats, Reserved
@@ -222,6 +224,17 @@ class Core:
         with self.cond:
             for key in [k for k, exp in self.expires.items() if exp <= now]:
                 del self.values[key], self.expires[key]
+
+
+def send(conn: Connection, message: Any) -> None:
+    """Send one message over a client connection, as a plain pickle:
+    ``Connection.send`` builds a pickler with a copy of multiprocessing's reducer
+    table for every message, three times the cost for the small ones."""
+    conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def call(core: Core, owner: object, op: str, args: tuple[Any, ...]) -> Any:
