@@ -31,11 +31,16 @@ class Put(NamedTuple):
 
 class Reserved(NamedTuple):
     """A job handed to this consumer: an opaque handle for ack/release/bury/touch,
-    the body exactly as put, and the server that holds it."""
+    the body exactly as put, the server that holds it, and how many times a
+    consumer died (its process or connection ended) while it held this job.
+    Releases, buries and time-to-run expiries are not crashes.  A backend that
+    cannot tell says 0; the engine then cannot set aside a job that keeps
+    killing its workers."""
 
     handle: Any
     body: bytes
     server: str
+    crashes: int = 0
 
 
 class QueueStats(NamedTuple):
@@ -50,6 +55,10 @@ class Queue(abc.ABC):
     """A work queue with time-to-run.  A reserved job belongs to its consumer
     until it is acked, released, buried, or its time-to-run passes (or the
     consumer's connection/process dies): then it is ready again for anyone."""
+
+    #: The largest body ``put_many`` accepts, in bytes (None: no limit).  The
+    #: engine keeps larger bodies in the store and queues a reference to them.
+    max_body: int | None = None
 
     @abc.abstractmethod
     def server_for(self, shard: str) -> str:
@@ -99,6 +108,10 @@ class Store(abc.ABC):
     a *bulk* call is a sequence of single-key operations, not a transaction.
     ``ttl`` is seconds until the key expires (0: the backend's longest)."""
 
+    #: The largest value one key holds, in bytes (None: no limit).  The engine
+    #: stores larger values in chunks under several keys.
+    max_value: int | None = None
+
     @abc.abstractmethod
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The present keys with their values; absent keys are left out.
@@ -124,10 +137,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
-        """Add each (non-negative) delta to its counter atomically and return the
-        new values.  A missing key is NOT created: its result is ``None`` (the
-        engine reads that as lost state).  Among concurrent increments of one key
-        each result is distinct and the last equals the sum."""
+        """Add each delta to its counter atomically and return the new values.  A
+        negative delta subtracts, and a counter never goes below 0 (the engine
+        subtracts only what it added, to take back a count).  A missing key is
+        NOT created: its result is ``None`` (the engine reads that as lost
+        state).  Among concurrent increments of one key each result is distinct
+        and the last equals the sum."""
 
     @abc.abstractmethod
     def delete_many(self, keys: Sequence[str]) -> None:

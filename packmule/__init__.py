@@ -16,6 +16,7 @@ from packmule._errors import (
     NoWorkers,
     PackMuleError,
     RunStateLost,
+    SecretMismatch,
     ValuesNotRecorded,
 )
 from packmule._runner import Runner
@@ -32,5 +33,6 @@ __all__ = [
     "Progress",
     "Runner",
     "RunStateLost",
+    "SecretMismatch",
     "ValuesNotRecorded",
 ]

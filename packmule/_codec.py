@@ -1,12 +1,15 @@
 """Signed pickles: everything a process reads back from a shared queue or store.
 
-A signed blob is ``HMAC-SHA256(secret, payload) || payload``.  ``loads`` checks
-the tag (in constant time) before it unpickles anything, so a forged or unsigned
-blob is refused with :class:`Forged` and never reaches pickle.
+A signed blob is ``key id || HMAC-SHA256(secret, payload) || payload``.  ``loads``
+checks the tag (in constant time) before it unpickles anything, so a forged or
+unsigned blob is refused with :class:`Forged` and never reaches pickle.  The key
+id (8 bytes of a keyed hash of the secret, no use for forging) only names which
+secret signed a blob, so that a worker that refuses a job can say whose it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import pickle
 from collections.abc import Iterable
@@ -22,12 +25,23 @@ try:
 except ImportError:  # no OpenSSL-backed _hashlib: the same HMAC, slower
     _hmac_new = hmac.new  # type: ignore[assignment]
 
+KEY_ID = 8  # bytes naming the secret
 TAG = 32  # bytes of HMAC-SHA256
+HEAD = KEY_ID + TAG  # bytes before the payload
 PROTOCOL = 5
 
 
 class Forged(ValueError):
-    """A blob whose HMAC does not match: it was not made with this secret."""
+    """A blob whose HMAC does not match: it was not made with this secret.
+    ``key_id`` is the hex key id the blob claims (unverified: a hint only)."""
+
+    def __init__(self, message: str, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
+def key_id(secret: bytes) -> bytes:
+    return hashlib.blake2b(secret, digest_size=KEY_ID, person=b"packmule-keyid").digest()
 
 
 def dumps(obj: Any) -> bytes:
@@ -46,23 +60,24 @@ def dumps(obj: Any) -> bytes:
 class Signer:
     """Signs and checks blobs with one secret."""
 
-    __slots__ = ("_inner",)
+    __slots__ = ("_inner", "key_id")
 
     def __init__(self, secret: bytes) -> None:
         if not secret:
             raise ValueError("the signing secret is empty")
         self._inner = _hmac_new(secret, digestmod="sha256")
+        self.key_id = key_id(secret)
 
     def sign(self, payload: bytes) -> bytes:
         return self.sign_many([payload])[0]
 
     def sign_many(self, payloads: Iterable[bytes]) -> list[bytes]:
         """``sign`` of each payload, in one call (a worker signs a value per job)."""
-        inner, out = self._inner, []
+        inner, kid, out = self._inner, self.key_id, []
         for payload in payloads:
             mac = inner.copy()
             mac.update(payload)
-            out.append(mac.digest() + payload)
+            out.append(kid + mac.digest() + payload)
         return out
 
     def payload(self, blob: bytes) -> bytes:
@@ -74,11 +89,12 @@ class Signer:
         the thousand, and two Python calls per value would cost a sixth more."""
         inner, out = self._inner, []
         for blob in blobs:
-            payload = blob[TAG:]
+            payload = blob[HEAD:]
             mac = inner.copy()
             mac.update(payload)
-            if len(blob) < TAG or not hmac.compare_digest(mac.digest(), blob[:TAG]):
-                raise Forged("signature mismatch: not made with this PACKMULE_SECRET (or tampered with)")
+            if len(blob) < HEAD or not hmac.compare_digest(mac.digest(), blob[KEY_ID:HEAD]):
+                claimed = blob[:KEY_ID].hex() if len(blob) >= HEAD else ""
+                raise Forged("signature mismatch: not made with this PACKMULE_SECRET (or tampered with)", claimed)
             out.append(payload)
         return out
 

@@ -12,6 +12,8 @@ PACKMULE_TUBE          beanstalk: the tube jobs go to (default ``packmule``)
 PACKMULE_SECRET        beanstalk: the HMAC key every process shares
 PACKMULE_INSECURE      beanstalk: ``1`` to run without a secret on private servers
 PACKMULE_STATE_TTL     seconds a run's state is kept in the store (default 7 days)
+PACKMULE_MAX_PAYLOAD   bytes: the largest pickled argument list, runner or return value
+                       packmule carries, on every backend alike (default 32 MiB)
 =====================  ==========================================================
 """
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_BACKEND = "local"
 DEFAULT_STATE_TTL = 7 * 24 * 3600.0  # memcached caps relative expiry at 30 days
 ENTRY_POINT_GROUP = "packmule.backends"
+DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024  # bytes: fits a default memcached (64 MB) with room to spare
 
 _cache: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
 _cache_lock = threading.Lock()
@@ -41,6 +44,19 @@ def state_ttl(env: Mapping[str, str] | None = None) -> float:
         return float(raw) if raw else DEFAULT_STATE_TTL
     except ValueError:
         raise ValueError(f"PACKMULE_STATE_TTL={raw!r} is not a number of seconds") from None
+
+
+def max_payload(env: Mapping[str, str] | None = None) -> int:
+    """The largest payload (pickled arguments of one job, a runner, a return
+    value) packmule carries: the same on every backend, so code that works on
+    one works on all.  Larger ones are refused at the call (or fail the job)."""
+    env = os.environ if env is None else env
+    raw = env.get("PACKMULE_MAX_PAYLOAD", "")
+    if not raw:
+        return DEFAULT_MAX_PAYLOAD
+    if not raw.isdigit() or int(raw) < 1024:
+        raise ValueError(f"PACKMULE_MAX_PAYLOAD={raw!r}: give a whole number of bytes >= 1024")
+    return int(raw)
 
 
 def backend_class(name: str) -> type[Backend]:

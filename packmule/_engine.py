@@ -17,6 +17,7 @@ queue puts, then the ack.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import pickle
@@ -29,8 +30,11 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from packmule._codec import Forged, Signer
-from packmule._state import GONE, blob_key, job_id, prefix, records, value_key
+from packmule import _config
+from packmule._codec import Forged, Signer, dumps
+from packmule._errors import BackendUnavailable
+from packmule._spill import gather, gather_one, spill_bodies, spill_values
+from packmule._state import GONE, blob_key, job_id, prefix, records, rejected_key, value_key
 from packmule._types import JobRef
 from packmule._watchdog import Watchdog
 from packmule._wire import Task, decode, encode
@@ -42,6 +46,9 @@ HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
 FAST = 0.002  # s: jobs of a method quicker than this on average run a whole bundle in one go
 POLL_DELAY = 0.25  # s: a continuation whose inputs are not all done checks again after this
 MAX_BACKOFF = 300.0  # s: the longest retry delay
+RECOMMIT_DELAY = 5.0  # s before a queue item whose commit failed twice is tried again
+REJECTED_TTL = 3600.0  # s a note that jobs were refused for their signature stays in the store
+MAX_CRASHES = 3  # deaths of its worker a job may cause before it fails for good (Runner.max_crashes)
 
 
 @dataclass
@@ -78,6 +85,18 @@ class JobContext:
         path = f"{self.task.path}.{self.position}"
         self.position += 1
         return path
+
+
+# Fault injection for the fault tests: a job may arm a hook in its own worker
+# process (``FAULTS["after_add"] = ...``); it is called once, at that point of
+# the commit.  Empty, it costs one truth test per batch.
+FAULTS: dict[str, Callable[[], None]] = {}
+
+
+def _fault(point: str) -> None:
+    hook = FAULTS.pop(point, None)
+    if hook is not None:
+        hook()
 
 
 current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("packmule_job", default=None)
@@ -192,20 +211,30 @@ class Engine:
         self.watchdog = Watchdog.current = Watchdog(backend.queue)
         self._runners: dict[str, RunnerMaker] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
+        self.max_payload = _config.max_payload()
 
     # --- decoding ------------------------------------------------------------
     def decode(self, items: Sequence[Reserved]) -> list[Bundle]:
         out = []
+        rejected: dict[str, bytes] = {}
         for item in items:
             try:
-                tasks = decode(self.signer, item.body)
+                tasks = decode(self.signer, gather_one(self.store, self.signer, item.body))
                 out.append(Bundle(item, prefix(tasks[0].name, tasks[0].gen), tasks))
             except Forged as exc:
-                log.warning("buried job %s on %s: %s; it was not unpickled", item.handle, item.server, exc)
+                log.warning("buried job %s on %s: %s (it claims key id %s; this worker's is %s); it was not "
+                            "unpickled", item.handle, item.server, exc, exc.key_id or "none",
+                            self.signer.key_id.hex())
                 self.queue.bury(item.handle)
+                if exc.key_id:
+                    # what the driver of that secret reads (its key id is all this
+                    # says of the body, which is trusted for nothing else)
+                    rejected[rejected_key(exc.key_id)] = f"{time.time():.3f} {self.signer.key_id.hex()}".encode()
             except Exception as exc:
                 log.warning("buried job %s on %s: unreadable body: %r", item.handle, item.server, exc)
                 self.queue.bury(item.handle)
+        if rejected:
+            self.store.set_many(rejected, REJECTED_TTL)
         return out
 
     def runner(self, digest: str, got: dict[str, bytes]) -> Any:
@@ -234,12 +263,12 @@ class Engine:
             first = tasks[0]
             keys.update((p + "total", p + "cancel"))
             if len(tasks) == 1:  # a lone job may be a re-delivery of a completed one
-                keys.add(p + "v:" + first.path)
+                keys.update((p + "v:" + first.path, p + "cm:" + first.path))
             if first.method is None:
                 keys.update(p + "spec:" + t.path for t in tasks)
             if first.digest not in self._runners:
                 keys.add(blob_key(first.digest))
-        got = self.store.get_many(list(keys))
+        got = gather(self.store, self.signer, self.store.get_many(list(keys)))
         specs = {}  # spec key -> Spec
         for _, p, tasks in bundles:
             if tasks[0].method is None:
@@ -252,6 +281,7 @@ class Engine:
         recs = records(self.store, self.signer, inputs, trail) if inputs else {}
 
         outcomes: list[Outcome] = []
+        bundles = self._set_aside_crashers(bundles, outcomes, got, specs)
         self._split_unknown(bundles, outcomes)
         started = time.monotonic()
         ran = 0
@@ -262,8 +292,11 @@ class Engine:
                             len(tasks), job_id(first.name, first.gen, first.path), first.name)
                 outcomes.extend(Outcome(item, t, p, "bury") for t in tasks)
                 continue
-            if p + "cancel" in got or (len(tasks) == 1 and p + "v:" + first.path in got):
-                outcomes.extend(Outcome(item, t, p, "ack") for t in tasks)  # cancelled, or a completed job re-run
+            # cancelled; or a completed job delivered again (one that enqueued runs
+            # again: it may have died before it queued its children)
+            if p + "cancel" in got or (len(tasks) == 1 and p + "v:" + first.path in got
+                                       and p + "cm:" + first.path not in got):
+                outcomes.extend(Outcome(item, t, p, "ack") for t in tasks)
                 continue
             for n, t in enumerate(tasks):
                 if (b or n) and time.monotonic() - started > HANDBACK_AFTER:
@@ -288,8 +321,50 @@ class Engine:
         took = (time.monotonic() - started) / max(ran, 1)
         for method in {tasks[0].method for _, _, tasks in bundles if tasks[0].method is not None}:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
-        self.commit(outcomes)
+        self.commit_safely(outcomes)
         return ran
+
+    def _set_aside_crashers(self, bundles: list[Bundle], outcomes: list[Outcome], got: dict[str, bytes],
+                            specs: dict[str, Spec]) -> list[Bundle]:
+        """Deal with queue items whose holder died with them: a bundle is split
+        into one item per job (so the next death names its job); a lone job that
+        killed its worker ``max_crashes`` times fails for good.  The rest run."""
+        keep = []
+        for bundle in bundles:
+            item, p, tasks = bundle
+            if not item.crashes:
+                keep.append(bundle)
+                continue
+            t = tasks[0]
+            if len(tasks) > 1:
+                log.warning("a worker died holding %d jobs from %s on; each goes back alone", len(tasks),
+                            job_id(t.name, t.gen, t.path))
+                outcomes.extend(Outcome(item, tt, p, "split") for tt in tasks)
+                continue
+            limit = self._max_crashes(t.digest, got)
+            if item.crashes < limit:
+                log.warning("job %s: a worker died running it (%d of %d allowed); running it again",
+                            job_id(t.name, t.gen, t.path), item.crashes, limit)
+                keep.append(bundle)
+                continue
+            spec = specs.get(p + "spec:" + t.path)
+            method = t.method or (spec.method if spec else "(continuation)")
+            info = {"job": job_id(t.name, t.gen, t.path), "method": method, "args": _short_repr(t.args),
+                    "exc_type": "WorkerCrashed",
+                    "message": f"the job's worker process died {item.crashes} times while it ran it (a signal, "
+                               "os._exit, a crash in native code, or out of memory); it is set aside and will "
+                               "not run again. Run the method in a plain Python process to see why, or raise "
+                               "max_crashes on the runner class if the deaths were not its fault",
+                    "traceback": ""}
+            log.warning("job %s failed for good: %s", info["job"], info["message"])
+            outcomes.append(Outcome(item, t, p, "done", ("err", info), spec=spec))
+        return keep
+
+    def _max_crashes(self, digest: str, got: dict[str, bytes]) -> int:
+        try:
+            return int(getattr(self.runner(digest, got), "max_crashes", MAX_CRASHES))
+        except Exception:  # the runner cannot be loaded: its job fails anyway when it runs
+            return MAX_CRASHES
 
     def _split_unknown(self, bundles: list[Bundle], outcomes: list[Outcome]) -> None:
         """Of a bundle whose method is not known to be quick, keep the first job
@@ -375,9 +450,11 @@ class Engine:
                     adds[p + "spec:" + path] = self.signer.dumps(vars(spec))
             if o.handoff is None:
                 valued.append((p + "v:" + t.path, o))
-        adds.update(zip([key for key, _ in valued], self.signer.dumps_many(o.record for _, o in valued),
+        adds.update(zip([key for key, _ in valued], self.signer.sign_many(map(self._stored, valued)),
                         strict=True))
-        won = self.store.add_many(adds, self.ttl) if adds else set()
+        won = self.store.add_many(spill_values(self.store, self.signer, adds, self.ttl), self.ttl) if adds else set()
+        if FAULTS:
+            _fault("after_add")
 
         deltas: dict[str, int] = defaultdict(int)
         sets: dict[str, bytes] = {}
@@ -442,6 +519,84 @@ class Engine:
             log_outcomes(outcomes)
         self._finish_queue(outcomes, later)
 
+    def commit_safely(self, outcomes: list[Outcome]) -> None:
+        """``commit``; if the store or the queue refuses what a batch produced (not
+        an outage: that is for the caller to ride out), commit each queue item
+        alone, and turn the jobs of an item that is still refused into failures,
+        so that one bad job never wedges a worker or its run."""
+        try:
+            self.commit(outcomes)
+            return
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            if len({id(o.item) for o in outcomes}) == 1:
+                self._commit_refused(outcomes, exc)
+                return
+        by_item: dict[int, list[Outcome]] = defaultdict(list)
+        for o in outcomes:
+            by_item[id(o.item)].append(o)
+        for group in by_item.values():
+            try:
+                self.commit(group)
+            except BackendUnavailable:
+                raise
+            except Exception as exc:
+                self._commit_refused(group, exc)
+
+    def _commit_refused(self, group: list[Outcome], exc: Exception) -> None:
+        """The commit of one queue item's jobs failed with ``exc``: they fail for
+        good, with that cause (their enqueues dropped); if even that cannot be
+        committed, the item goes back to the queue for a later try."""
+        log.warning("the commit of %d job(s) failed: %r; they fail for good", len(group), exc)
+        for o in group:
+            if o.kind in ("done", "raised", "retry"):
+                t = o.task
+                method = t.method or (o.spec.method if o.spec else "(continuation)")
+                o.kind, o.ctx, o.handoff, o.consumed = "done", None, None, []
+                o.record = ("err", {"job": job_id(t.name, t.gen, t.path), "method": method,
+                                    "args": _short_repr(t.args), "exc_type": type(exc).__name__,
+                                    "message": f"its result could not be committed: {exc}", "traceback": ""})
+        try:
+            self.commit(group)
+        except BackendUnavailable:
+            raise
+        except Exception:
+            log.exception("the failure of %d job(s) could not be committed either; their queue item goes "
+                          "back to the queue in %.0fs", len(group), RECOMMIT_DELAY)
+            with contextlib.suppress(Exception):
+                self.queue.release(group[0].item.handle, RECOMMIT_DELAY)
+
+    def _stored(self, entry: tuple[str, Outcome]) -> bytes:
+        """The pickled value record of a completed job.  A value that cannot be
+        pickled, or is larger than packmule carries, makes the job a failure
+        that says so (the job is not retried: its next run would return the same)."""
+        o = entry[1]
+        try:
+            data = dumps(o.record)
+        except Exception as exc:
+            value = o.record[1] if o.record else None
+            o.record = self._unstorable(o, f"its return value ({type(value).__name__}) cannot be pickled: "
+                                           f"{type(exc).__name__}: {exc}; return values must be picklable "
+                                           "by cloudpickle (return plain data, not locks, sockets, files "
+                                           "or generators)")
+            return dumps(o.record)
+        limit = self.max_payload
+        if len(data) > limit:
+            o.record = self._unstorable(o, f"its return value is {len(data):,} bytes pickled, over packmule's "
+                                           f"limit of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); return a "
+                                           "smaller value, e.g. the path or key of data kept elsewhere")
+            return dumps(o.record)
+        return data
+
+    @staticmethod
+    def _unstorable(o: Outcome, message: str) -> tuple[str, dict[str, str]]:
+        t = o.task
+        method = t.method or (o.spec.method if o.spec else "(continuation)")
+        log.warning("job %s failed for good: %s", job_id(t.name, t.gen, t.path), message)
+        return ("err", {"job": job_id(t.name, t.gen, t.path), "method": method, "args": _short_repr(t.args),
+                        "exc_type": "UnstorableValue", "message": message, "traceback": ""})
+
     def _settle_raised(self, outcomes: list[Outcome]) -> None:
         """Count the failed attempt of each job that raised: retry it (with
         backoff) or turn it into a failure for good."""
@@ -497,13 +652,16 @@ class Engine:
                 continue
             later += [o.task for o in group if o.kind == "handback"]
             for o in group:
+                if o.kind == "split":  # an item of its own: a later death names this job
+                    delayed += encode(self.signer, [o.task])
+            for o in group:
                 if o.kind == "retry":  # alone, after its backoff
                     assert o.record is not None
                     delayed += [put._replace(delay=o.record[0]) for put in encode(self.signer, [o.task])]
             acks.append(handle)
         puts = encode(self.signer, later) + delayed
         if puts:
-            self.queue.put_many(puts)
+            self.queue.put_many(spill_bodies(self.backend, self.signer, puts, self.ttl))
         for handle, delay in releases:
             self.queue.release(handle, delay)
         for handle in buries:

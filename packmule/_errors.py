@@ -4,6 +4,7 @@
     ├── JobFailed            a job (or an input of a deferred_result) failed for good
     ├── NotReady             the run or job has no value yet
     ├── NoWorkers            nothing serves the queue that a wait depends on
+    │   └── SecretMismatch   workers refuse the jobs: they have another PACKMULE_SECRET
     ├── RunStateLost         the store lost the run's state (restart, eviction, forget)
     ├── Cancelled            the run was cancelled
     ├── ValuesNotRecorded    values were not kept (record_return_values=False)
@@ -49,6 +50,11 @@ class NotReady(PackMuleError):
 
 class NoWorkers(PackMuleError):
     """A wait depends on a queue that no worker serves."""
+
+
+class SecretMismatch(NoWorkers):
+    """Workers refused this process's jobs for their signature: they were signed
+    with another ``PACKMULE_SECRET``."""
 
 
 class RunStateLost(PackMuleError):

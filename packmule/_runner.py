@@ -19,8 +19,17 @@ import cloudpickle
 from packmule import _config
 from packmule._codec import Signer, dumps
 from packmule._engine import JobContext, Spec, current
-from packmule._errors import BackendUnavailable, Cancelled, NotReady, NoWorkers, RunStateLost, ValuesNotRecorded
-from packmule._state import GONE, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_keys
+from packmule._errors import (
+    BackendUnavailable,
+    Cancelled,
+    NotReady,
+    NoWorkers,
+    RunStateLost,
+    SecretMismatch,
+    ValuesNotRecorded,
+)
+from packmule._spill import gather, spill_bodies, spill_values
+from packmule._state import GONE, VOID, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_keys
 from packmule._types import JobRef, Progress
 from packmule._watchdog import Watchdog
 from packmule._wire import BUNDLE, Entries, Task, count, expand, pack, shard
@@ -33,6 +42,7 @@ NO_WORKERS_WARN, NO_WORKERS_RAISE = 2.0, 6.0  # s without a worker while jobs wa
 STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
 OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
+REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 _stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
@@ -53,6 +63,7 @@ class Runner:
     max_retries: int = 3
     retry_delay: float = 1.0  # s before the first retry; doubles each time
     wait_timeout: float | None = None  # s a blocking deferred_result waits (None: no limit)
+    max_crashes: int = 3  # deaths of its worker process a job may cause before it fails for good
 
     def __init__(self, name: str | None = None, push_progress_updates: bool = False, *,
                  record_return_values: bool | None = None, time_to_run: float | None = None,
@@ -158,6 +169,7 @@ class Runner:
         ttr, retries, delay, record = self._options()
         entries = [self._entries(method, chunk) for chunk in chunks]  # refuses a bad item before queueing
         digest, runner_blob = self._runner_blob()
+        self._check_sizes(method, chunks, entries, runner_blob)
         backend = self.backend
         ctx = self._job_context()
         if ctx is not None:  # inside a job of this run: committed when the job returns
@@ -180,7 +192,8 @@ class Runner:
         gen = self._pm_gen or state.start_or_join()
         p = prefix(self.name, gen)
         if (id(backend.store), digest) not in _stored_blobs:
-            backend.store.add_many({blob_key(digest): runner_blob}, state.ttl)
+            backend.store.add_many(spill_values(backend.store, state.signer, {blob_key(digest): runner_blob},
+                                                state.ttl), state.ttl)
             _stored_blobs.add((id(backend.store), digest))
         # a bundle must be one block of paths (one server): a bulk call takes a
         # range wide enough to start at a multiple of BUNDLE; the gap is unused
@@ -194,15 +207,18 @@ class Runner:
         self._pm_gen = gen
         first_free = last - span
         base = -(-first_free // BUNDLE) * BUNDLE if span > 1 else first_free
-        if first_free == 0:  # the first outside enqueue of this generation: its root
-            backend.store.add_many({p + "root": b"0"}, state.ttl)
         signer = signer_for(backend)
-        puts: list[Put] = []
+        by_server: dict[str, tuple[list[Put], list[str]]] = {}  # server -> (its puts, the paths they carry)
         for i, (chunk, blob, size) in enumerate(zip(chunks, entries, sizes, strict=True)):
-            first = Task(self.name, gen, str(base + i * BUNDLE), method, (), {}, digest, ttr, retries, delay,
-                         record, ())
+            start = base + i * BUNDLE
+            first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, ())
+            puts, paths = by_server.setdefault(backend.queue.server_for(shard(self.name, gen, str(start))), ([], []))
             puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
-        backend.queue.put_many(puts)  # before making the JobRefs: workers start meanwhile
+            paths += map(str, range(start, start + size))
+        marks = {p + "root": b"0"} if first_free == 0 else {}  # the generation's first outside enqueue: its root
+        if base > first_free:  # the unused gap, so that a recount knows it held no job
+            marks[p + "gap:" + str(first_free)] = str(base - first_free).encode()
+        self._put(backend, state, p, marks, by_server)
         head = f"{self.name}/{gen}/"
         refs = []
         for i, size in enumerate(sizes):
@@ -210,6 +226,54 @@ class Runner:
             server = backend.queue.server_for(shard(self.name, gen, str(start)))
             refs += [JobRef.fast(head + str(start + j), server) for j in range(size)]
         return refs
+
+    def _put(self, backend: Backend, state: RunState, p: str, marks: dict[str, bytes],
+             by_server: dict[str, tuple[list[Put], list[str]]]) -> None:
+        """Queue the puts of an outside enqueue, server by server, its jobs
+        counted in ``total`` already.  If a put fails, the jobs of that server and
+        of those not reached are taken back: their count comes off ``total`` and
+        each gets a void value (should a failed put have queued some, they find
+        their value taken and count nothing).  Then the error is raised."""
+        servers = list(by_server)
+        done = 0
+        try:
+            if marks:
+                backend.store.add_many(marks, state.ttl)
+            for server in servers:
+                backend.queue.put_many(spill_bodies(backend, state.signer, by_server[server][0], state.ttl))
+                done += 1
+        except BaseException as exc:
+            lost = [path for server in servers[done:] for path in by_server[server][1]]
+            try:
+                void = state.signer.dumps(VOID)
+                backend.store.add_many({p + "v:" + path: void for path in lost}, state.ttl)
+                backend.store.incr_many({p + "total": -len(lost)})
+            except Exception as undo:
+                exc.add_note(f"packmule could not take back the count of the {len(lost)} jobs not queued "
+                             f"({undo!r}): run {self.name!r} will not complete; forget() it")
+                raise
+            exc.add_note(f"run {self.name!r}: none of the {len(lost)} jobs of this call that were not queued "
+                         "is counted; the run's progress is as it was before the call")
+            raise
+
+    def _check_sizes(self, method: str, chunks: list[Entries], entries: list[bytes], runner_blob: bytes) -> None:
+        """Refuse, before anything is counted or queued, a job whose pickled
+        arguments or runner is over packmule's payload limit (the same on every
+        backend: what works on one works on all)."""
+        limit = _config.max_payload()
+        if len(runner_blob) > limit:
+            raise ValueError(f"the runner {self!r} is {len(runner_blob):,} bytes pickled, over packmule's limit "
+                             f"of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); keep large data out of its attributes "
+                             "(pass a path or a key instead), or raise the limit")
+        for chunk, blob in zip(chunks, entries, strict=True):
+            if len(blob) <= limit:
+                continue
+            for args, kwargs, _ in expand(chunk):
+                size = len(dumps((args, kwargs)))
+                if size > limit:
+                    raise ValueError(f"the arguments of {method} are {size:,} bytes pickled, over packmule's "
+                                     f"limit of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); pass a path or a key to "
+                                     "the data instead, or raise the limit")
 
     def _entries(self, method: str, chunk: Entries) -> bytes:
         try:
@@ -301,7 +365,7 @@ class Runner:
                 ahead = self._read_ahead(store, keys, cursor, recs)
                 cursor += READ_CHUNK
             window, answer = ahead
-            got = answer()
+            got = gather(store, signer, answer())
             ahead = None
             if len(got) == len(window) and cursor < len(keys):
                 # every value asked for was there: more may be, ask for them now
@@ -454,6 +518,7 @@ class _Waiter:
     def __init__(self, runner: Runner, what: str, timeout: float | None) -> None:
         self.runner, self.what, self.timeout = runner, what, timeout
         self.start = self.last_check = self.last_said = time.monotonic()
+        self.started_at = time.time()  # (wall clock: workers on other machines stamp their notes with it)
         self.delay = POLL_MIN
         self.idle_since: float | None = None
         self.empty_since: float | None = None
@@ -498,8 +563,17 @@ class _Waiter:
         if gen is not None:
             state = runner._state()
             state.progress(gen)  # raises RunStateLost
-            if state.cancelled(gen):
+            cancelled, rejected = state.alerts(gen)
+            if cancelled:
                 raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
+            if rejected is not None and rejected[0] >= self.started_at - REJECTED_BEFORE:
+                raise SecretMismatch(
+                    f"run {runner.name!r} ({status}): workers refused jobs signed by this process "
+                    f"{time.time() - rejected[0]:.0f}s ago because their signature does not match: the workers "
+                    f"have another PACKMULE_SECRET (key id {rejected[1]}; this process's is "
+                    f"{state.signer.key_id.hex()}). Every process, drivers and `packmule worker`s, must share "
+                    "the same PACKMULE_SECRET; the refused jobs are buried. Fix the secret, then forget() the "
+                    "run and queue it again")
         stats = runner.backend.queue.stats()
         if gen is not None and not (stats.ready or stats.reserved or stats.delayed):
             # nothing anywhere in the queue, yet the run is not complete: it never will be

@@ -7,6 +7,7 @@ Keys (``P`` = ``pm:<name>:<gen>:``)::
     pm:<name>:next:<g>   the generation that replaced the complete run ``g``
     P total|done|failed  counters (created with the generation; missing = lost)
     P seq                counter that numbers jobs queued from outside any job
+    P gap:<path>         paths from <path> on, this many, that an outside enqueue left unused
     P root               path of the first job queued from outside any job
     P cancel             present once the run is cancelled
     P v:<path>           the job's value record; its add is the job's completion
@@ -16,9 +17,11 @@ Keys (``P`` = ``pm:<name>:<gen>:``)::
     P try:<path>         failed attempts of a job
     P f:<k>              path of the k-th failed job (for ``packmule status``)
     pm-blob:<digest>     a pickled runner, stored once per state
+    pm-rejected:<keyid>  "<time> <worker key id>": workers refused jobs signed by that secret
 
 Value records (signed pickles): ``('ok', value)``, ``('ref', job id)``,
-``('err', failure info)``, ``('gone',)`` (consumed, not recorded).
+``('err', failure info)``, ``('gone',)`` (consumed, not recorded), ``('void',)``
+(its enqueue failed: it never ran and never counts).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from typing import Any
 
 from packmule._codec import Signer
 from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
+from packmule._spill import gather
 from packmule._types import JobRef, Progress
 from packmule._wire import shard
 from packmule.backends.base import Backend, Store
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
 GONE = ("gone",)
+VOID = ("void",)  # the value of a job whose enqueue failed: it never counts, and a stray copy never runs
 
 
 def check_name(name: str, what: str = "run name") -> str:
@@ -54,6 +59,11 @@ def prefix(name: str, gen: str) -> str:
 
 def blob_key(digest: str) -> str:
     return f"pm-blob:{digest}"
+
+
+def rejected_key(key_id: str) -> str:
+    """Where workers note that they refused jobs signed by the secret with this key id."""
+    return f"pm-rejected:{key_id}"
 
 
 def job_id(name: str, gen: str, path: str) -> str:
@@ -143,6 +153,17 @@ class RunState:
         key = prefix(self.name, gen) + "cancel"
         return key in self.store.get_many([key])
 
+    def alerts(self, gen: str) -> tuple[bool, tuple[float, str] | None]:
+        """In one read: whether the run is cancelled, and when workers last refused
+        a job signed with this process's secret (with the key id of theirs)."""
+        cancel, rejected = prefix(self.name, gen) + "cancel", rejected_key(self.signer.key_id.hex())
+        got = self.store.get_many([cancel, rejected])
+        note = None
+        if rejected in got:
+            when, _, theirs = got[rejected].decode("ascii", "replace").partition(" ")
+            note = (float(when), theirs)
+        return cancel in got, note
+
     def root_path(self, gen: str) -> str | None:
         key = prefix(self.name, gen) + "root"
         raw = self.store.get_many([key]).get(key)
@@ -164,7 +185,7 @@ def records(
         if not pending:
             return out
         keys = {value_key(cur): asked for asked, cur in pending.items()}
-        got = store.get_many(list(keys))
+        got = gather(store, signer, store.get_many(list(keys)))
         nxt = {}
         for key, asked in keys.items():
             raw = got.get(key)

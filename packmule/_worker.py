@@ -3,17 +3,20 @@ run it, commit it; the batch grows while jobs are quick and shrinks when slow.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 
 from packmule import _config
 from packmule._engine import Engine
+from packmule._errors import BackendUnavailable
 from packmule.backends.base import Backend
 
 log = logging.getLogger("packmule")
 
 MAX_BATCH = 32
+FAILED_BATCH_DELAY = 5.0  # s before the items of a batch that failed outside its jobs are tried again
 QUICK, SLOW = 0.01, 0.05  # s a batch may take before it grows / shrinks
 
 
@@ -28,7 +31,16 @@ def serve(backend: Backend, stop: threading.Event, max_jobs: int | None = None,
         if not items:
             continue
         started = time.monotonic()
-        ran += engine.run_batch(items)
+        try:
+            ran += engine.run_batch(items)
+        except BackendUnavailable:
+            raise
+        except Exception:  # a bug of packmule's, not of a job: keep serving, the jobs come back
+            log.exception("a batch of %d queue items failed outside its jobs; they go back to the queue "
+                          "in %.0fs", len(items), FAILED_BATCH_DELAY)
+            for item in items:
+                with contextlib.suppress(Exception):  # (an acked one is lapsed: ignored)
+                    backend.queue.release(item.handle, FAILED_BATCH_DELAY)
         took = time.monotonic() - started
         if took < QUICK:
             batch = min(batch * 2, MAX_BATCH)

@@ -40,6 +40,11 @@ def status(name: str) -> int:
           f"failed {progress.failed}" + (f"  [{'; '.join(flags)}]" if flags else ""))
     print(f"queue ({runner.backend.name}): ready {stats.ready}, running {stats.reserved}, "
           f"delayed {stats.delayed}, buried {stats.buried}, workers {stats.workers}")
+    rejected = state.alerts(gen)[1]
+    if rejected is not None:
+        print(f"REFUSED: {time.time() - rejected[0]:.0f}s ago workers refused jobs signed with this "
+              f"PACKMULE_SECRET (key id {state.signer.key_id.hex()}; theirs is {rejected[1]}): every process "
+              "must share the same PACKMULE_SECRET")
     if progress.failed:
         p = prefix(name, gen)
         got = runner.backend.store.get_many([f"{p}f:{k}" for k in range(1, progress.failed + 1)])

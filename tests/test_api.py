@@ -13,7 +13,7 @@ from packmule._codec import Forged, Signer
 def test_public_names_are_pinned():
     assert sorted(packmule.__all__) == sorted([
         "BackendUnavailable", "Cancelled", "JobFailed", "JobRef", "NoWorkers", "NotReady", "PackMuleError",
-        "Progress", "Runner", "RunStateLost", "ValuesNotRecorded",
+        "Progress", "Runner", "RunStateLost", "SecretMismatch", "ValuesNotRecorded",
     ])
     for name in packmule.__all__:
         assert hasattr(packmule, name)

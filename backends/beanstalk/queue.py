@@ -159,10 +159,21 @@ class _Connection:
             data = self._reader.read(size + 2)
             if len(data) != size + 2:
                 raise ConnectionError("beanstalkd closed the connection in the middle of a job")
-            return Reserved(Reservation(self, job_id), data[:-2], self.server)
+            return Reserved(Reservation(self, job_id), data[:-2], self.server, self.crashes(job_id))
         if status in (b"TIMED_OUT", b"DEADLINE_SOON"):
             return None
         raise _unexpected(status, values, "reserve")
+
+    def crashes(self, job_id: int) -> int:
+        """How many times a holder of this job went away with it (its connection
+        closed).  beanstalkd counts reserves, releases, time-outs and kicks, but
+        not that: it is what is left of the reserves (less this one)."""
+        try:
+            stats: Any = self.client.stats_job(job_id)
+        except greenstalk.NotFoundError:
+            return 0  # already timed out and taken by another: its handle is lapsed anyway
+        ended = sum(int(stats[kind]) for kind in ("releases", "timeouts", "kicks"))
+        return max(0, int(stats["reserves"]) - 1 - ended)
 
     def reserve(self, timeout: int) -> Reserved | None:
         """One job, waiting up to ``timeout`` whole seconds (0: only a ready one).
@@ -252,6 +263,11 @@ class BeanstalkQueue(Queue):
                 raise
 
     # --- Queue ------------------------------------------------------------------------------
+    @property
+    def max_body(self) -> int:  # type: ignore[override]
+        """The smallest max-job-size among the servers (each is asked once per thread)."""
+        return min(self._pool.get(index).max_job_size for index in range(len(self._names)))
+
     def server_for(self, shard: str) -> str:
         return self._names[shard_index(shard, len(self._names))]
 

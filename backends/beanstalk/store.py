@@ -57,6 +57,7 @@ def _encode(key: str, value: bytes | int) -> bytes:
 
 
 class MemcachedStore(Store):
+    max_value = 1_000_000  # bytes: an item of a default memcached (-I 1m) holds this with its key and header
     def __init__(self, servers: Servers, connect_timeout: float) -> None:
         self.servers = servers
         self._names = servers.names
@@ -136,11 +137,13 @@ class MemcachedStore(Store):
 
     def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
         for key, delta in deltas.items():
-            if isinstance(delta, bool) or not isinstance(delta, int) or not 0 <= delta < 2**64:
-                raise ValueError(f"incr_many: the delta of {key!r} must be an int >= 0, not {delta!r}")
+            if isinstance(delta, bool) or not isinstance(delta, int) or not -2**64 < delta < 2**64:
+                raise ValueError(f"incr_many: the delta of {key!r} must be an int, not {delta!r}")
         results: dict[str, int | None] = {}
         for index, names in self._plan(deltas).items():
-            commands = [b"incr %s %d\r\n" % (mkey.encode(), deltas[key]) for mkey, key in names.items()]
+            # (memcached's decr stops at 0, as the interface asks)
+            commands = [b"%s %s %d\r\n" % (b"incr" if deltas[key] >= 0 else b"decr", mkey.encode(),
+                                            abs(deltas[key])) for mkey, key in names.items()]
             with self._using(index) as client:
                 # pymemcache's incr() is one round trip per key; _misc_cmd pipelines them.
                 answers = client._misc_cmd(commands, b"incr", False)

@@ -34,6 +34,7 @@ class Core:
         self.reserved: dict[int, tuple[int, float, object]] = {}  # id -> (token, deadline, owner)
         self.deadlines: list[tuple[float, int, int]] = []  # heap of (deadline, id, token)
         self.buried: set[int] = set()
+        self.crashes: dict[int, int] = {}  # id -> times its holder died holding it (only those that did)
         # the store: values, and when each expires (keys without a ttl are not in
         # ``expires``).  Two flat dicts, not one of (value, expiry) pairs: a run
         # stores a value per job, and a pair per key is an object for the
@@ -91,7 +92,7 @@ class Core:
                 body, ttr = self.bodies[jid]
                 self.reserved[jid] = (token, now + ttr, owner)
                 heapq.heappush(self.deadlines, (now + ttr, jid, token))
-                out.append(Reserved((jid, token), body, self.server))
+                out.append(Reserved((jid, token), body, self.server, self.crashes.get(jid, 0)))
             return out
 
     def _held(self, handle: Handle) -> bool:
@@ -104,6 +105,8 @@ class Core:
                 if self._held(handle):
                     del self.reserved[handle[0]]
                     del self.bodies[handle[0]]
+                    if self.crashes:
+                        self.crashes.pop(handle[0], None)
 
     def release(self, handle: Handle, delay: float) -> None:
         with self.cond:
@@ -120,6 +123,7 @@ class Core:
             if self._held(handle):
                 del self.reserved[handle[0]]
                 self.buried.add(handle[0])
+                self.crashes.pop(handle[0], None)
 
     def touch(self, handle: Handle) -> None:
         with self.cond:
@@ -136,6 +140,7 @@ class Core:
             for jid in mine:
                 del self.reserved[jid]
                 self.ready.appendleft(jid)
+                self.crashes[jid] = self.crashes.get(jid, 0) + 1
             self.cond.notify_all()
             return len(mine)
 
@@ -209,7 +214,7 @@ class Core:
                 if value is None:
                     out[key] = None
                     continue
-                out[key] = self.values[key] = int(value) + delta  # its expiry stays
+                out[key] = self.values[key] = max(0, int(value) + delta)  # its expiry stays
         return out
 
     def delete_many(self, keys: Sequence[str]) -> None:
