@@ -440,7 +440,7 @@ class Engine:
             if ctx is not None and (ctx.children or ctx.deferreds):
                 enqueued.append(o)
                 adds.update((blob_key(d), b) for d, b in ctx.blobs.items())
-                adds[p + "cm:" + t.path] = b"1"
+                adds[p + "cm:" + t.path] = b"%d" % ctx.position  # (how a recount finds its children)
                 for path, spec in ctx.deferreds.items():
                     if path == o.handoff:
                         own = o.spec.finishes if o.spec else []

@@ -16,7 +16,7 @@ from typing import Any
 
 import cloudpickle
 
-from packmule import _config
+from packmule import _census, _config
 from packmule._codec import Signer, dumps
 from packmule._engine import JobContext, Spec, current
 from packmule._errors import (
@@ -43,6 +43,7 @@ STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
 OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
+RECOUNT_LOCK_TIMEOUT = 60.0  # s to wait while another process recounts the same run
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 _stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
@@ -216,8 +217,10 @@ class Runner:
             puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
             paths += map(str, range(start, start + size))
         marks = {p + "root": b"0"} if first_free == 0 else {}  # the generation's first outside enqueue: its root
-        if base > first_free:  # the unused gap, so that a recount knows it held no job
-            marks[p + "gap:" + str(first_free)] = str(base - first_free).encode()
+        # the paths of the range left unused, before and after, so that a recount knows they held no job
+        for start, end in ((first_free, base), (base + jobs, last)):
+            if end > start:
+                marks[p + "gap:" + str(start)] = str(end - start).encode()
         self._put(backend, state, p, marks, by_server)
         head = f"{self.name}/{gen}/"
         refs = []
@@ -500,15 +503,24 @@ class Runner:
             self.backend.store.set_many({prefix(self.name, gen) + "cancel": b"1"}, _config.state_ttl())
 
     def forget(self) -> None:
-        """Remove the run's state so the name starts afresh; its leftovers expire."""
+        """Remove the run's state (its current generation: every key that can be
+        named from its counters and markers) so the name starts afresh.  Jobs of
+        it still queued are set aside by the workers (their run has no state)."""
         gen = self._gen()
+        store = self.backend.store
         keys = [f"pm:{self.name}"]
         if gen is not None:
-            p = prefix(self.name, gen)
-            keys += [p + k for k in ("total", "done", "failed", "seq", "root", "cancel")]
-        self.backend.store.delete_many(keys)
+            keys += _census.run_keys(store, self.name, gen, prefix(self.name, gen))
+        _census.delete(store, keys)
         self._pm_gen = None
         self._pm_progress = None
+
+    def _recount(self, gen: str) -> str | None:
+        """Recount a stalled run from its value records (``packmule._census``),
+        one process at a time; what was fixed, or None."""
+        state = self._state()
+        with self.backend.lock(f"pm-recount:{self.name}", RECOUNT_LOCK_TIMEOUT):
+            return _census.recount(self.backend, state.signer, self.name, gen, prefix(self.name, gen), state.ttl)
 
 
 class _Waiter:
@@ -579,6 +591,9 @@ class _Waiter:
             # nothing anywhere in the queue, yet the run is not complete: it never will be
             self.empty_since = self.empty_since or now
             if now - self.empty_since >= STALLED_AFTER:
+                if runner._recount(gen) is not None:
+                    self.empty_since = None  # the counts were short, or a continuation unqueued: fixed
+                    return
                 raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
                                    f"at {status}; a worker died between two store writes, or its state was "
                                    "evicted (see `packmule status`)")

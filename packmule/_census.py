@@ -1,0 +1,195 @@
+"""A run's tree of jobs, read back from the store, for the two things that need
+all of it: ``forget`` (delete every key the run has) and the recount of a
+stalled run.
+
+The tree is found from keys the engine writes anyway: outside jobs have the
+paths ``0 .. seq-1`` less the gaps an outside enqueue left (``gap:<path>``);
+a job that enqueued has ``cm:<path>`` = the number of positions it used, and
+its children are ``<path>.0 ..``; a position that holds a continuation has a
+``spec:<path>``.
+
+Why a recount is needed: on a store without multi-key transactions (memcached)
+a worker killed between its commit's writes leaves the run short: its value is
+stored, but ``done`` (or ``total``, or a continuation's arrived-inputs counter)
+was never incremented, or a continuation that became ready was never queued.
+Counts are what the value records say, so a run that stalls (nothing queued or
+running, ``done < total``) is recounted from them, under a lock, and the
+continuations whose inputs are all there are queued.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from packmule._codec import Signer
+from packmule._spill import gather
+from packmule._wire import Task, encode
+from packmule.backends.base import Backend, Store
+
+log = logging.getLogger("packmule")
+
+READ = 1000  # keys a bulk read or delete carries
+KINDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # the per-path keys of a run
+RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel")
+
+
+def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(keys), READ):
+        yield keys[start:start + READ]
+
+
+def read(store: Store, keys: Sequence[str]) -> dict[str, bytes]:
+    got: dict[str, bytes] = {}
+    for part in _chunks(keys):
+        got.update(store.get_many(part))
+    return got
+
+
+@dataclass
+class Node:
+    path: str
+    value: bytes | None = None  # the signed value record, raw
+    positions: int = 0  # what cm: says: children and continuations it made
+    spec: bytes | None = None  # a continuation's spec, raw
+    children: list[str] = field(default_factory=list)
+
+
+def walk(store: Store, p: str, with_values: bool) -> dict[str, Node]:
+    """Every path of the run ``p`` (its key prefix) that the store can name,
+    level by level, with what each node's keys say (values only if asked)."""
+    seq_raw = store.get_many([p + "seq"]).get(p + "seq")
+    seq = int(seq_raw) if seq_raw is not None else 0
+    tops = [str(i) for i in range(seq)]
+    top_kinds = ("cm:", "gap:", "v:") if with_values else ("cm:", "gap:")
+    got = read(store, [p + kind + path for path in tops for kind in top_kinds])
+    nodes: dict[str, Node] = {}
+    i = 0
+    while i < seq:
+        gap = got.get(f"{p}gap:{i}")
+        if gap is not None:
+            i += int(gap)
+            continue
+        path = str(i)
+        nodes[path] = Node(path, got.get(p + "v:" + path), int(got.get(p + "cm:" + path, b"0")))
+        i += 1
+    level = [n for n in nodes.values() if n.positions]
+    while level:
+        paths = [f"{n.path}.{k}" for n in level for k in range(n.positions)]
+        kinds = ("cm:", "spec:", "v:") if with_values else ("cm:",)
+        got = read(store, [p + kind + path for path in paths for kind in kinds])
+        for parent in level:
+            parent.children = [f"{parent.path}.{k}" for k in range(parent.positions)]
+        for path in paths:
+            nodes[path] = Node(path, got.get(p + "v:" + path), int(got.get(p + "cm:" + path, b"0")),
+                               got.get(p + "spec:" + path))
+        level = [nodes[path] for path in paths if nodes[path].positions]
+    return nodes
+
+
+def run_keys(store: Store, name: str, gen: str, p: str) -> list[str]:
+    """Every key of generation ``gen`` of run ``name`` that can be named.  (The
+    chunks of a value too large for one key expire with the run instead.)"""
+    nodes = walk(store, p, with_values=False)
+    failed_raw = store.get_many([p + "failed"]).get(p + "failed")
+    failures = int(failed_raw) if failed_raw is not None else 0
+    keys = [p + k for k in RUN_KEYS] + [f"pm:{name}:next:{gen}"]
+    keys += [f"{p}f:{k}" for k in range(1, failures + 1)]
+    keys += [p + kind + path for path in nodes for kind in KINDS]
+    return keys
+
+
+def delete(store: Store, keys: Sequence[str]) -> None:
+    for part in _chunks(keys):
+        store.delete_many(part)
+
+
+def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: float) -> str | None:
+    """Recount a stalled run from its value records (the caller holds the
+    run's repair lock): fix ``total``/``done``/``failed``, apply a finished
+    continuation's hand-offs, and queue each continuation whose inputs are all
+    there.  Returns what it fixed, or None if there was nothing to fix."""
+    from packmule._engine import Spec  # (the engine imports this module's users)
+
+    store = backend.store
+    nodes = walk(store, p, with_values=True)
+    raw = {path: n.value for path, n in nodes.items() if n.value is not None}
+    records: dict[str, Any] = dict(zip(raw, signer.loads_many(gather(store, signer, raw).values()), strict=True))
+    specs = {path: Spec(**signer.loads(n.spec)) for path, n in nodes.items() if n.spec is not None}
+    fixes: list[str] = []
+
+    # a continuation that completed but died before it handed its value to the
+    # jobs that returned it
+    handoffs = {}
+    for path, spec in specs.items():
+        if path in records:
+            for finished, _ in spec.finishes:
+                if finished not in records:
+                    handoffs[p + "v:" + finished] = signer.dumps(("ref", f"{name}/{gen}/{path}"))
+                    records[finished] = ("ref", f"{name}/{gen}/{path}")
+    if handoffs:
+        store.set_many(handoffs, ttl)
+        fixes.append(f"{len(handoffs)} hand-offs")
+
+    def failed_job(path: str) -> bool:
+        """As the engine counts it: its own error, or that of the continuation it
+        handed its value to."""
+        rec = records.get(path)
+        if rec is None or rec[0] not in ("err", "ref"):
+            return False
+        if rec[0] == "err":
+            return True
+        ref_name, ref_gen, target = rec[1].split("/")
+        spec = specs.get(target) if (ref_name, ref_gen) == (name, gen) else None
+        if spec is None or all(finished != path for finished, _ in spec.finishes):
+            return False
+        return (records.get(target) or ("",))[0] == "err"
+
+    jobs = [path for path, n in nodes.items() if n.spec is None and records.get(path) != ("void",)]
+    total = len(jobs)
+    done = sum(1 for path in jobs if path in records)
+    failed = sum(1 for path in jobs if failed_job(path))
+    counters = store.get_many([p + "total", p + "done", p + "failed"])
+    if len(counters) < 3:
+        return None  # the state is really gone: nothing to recount into
+    deltas = {}
+    for key, true in (("total", total), ("done", done), ("failed", failed)):
+        now = int(counters[p + key])
+        if true != now:
+            deltas[p + key] = true - now
+            fixes.append(f"{key} {now} -> {true}")
+
+    # continuations whose own inputs all arrived but that were never queued
+    ready: list[Task] = []
+    arrived: dict[str, int] = {}
+    for path, spec in specs.items():
+        if path in records or spec.counted == 0:
+            continue
+        parent = path.rpartition(".")[0]
+        own = {i.rpartition("/")[2] for i in spec.inputs
+               if i.startswith(f"{name}/{gen}/") and i.rpartition("/")[2].rpartition(".")[0] == parent}
+        count = sum(1 for i in own if i in records)
+        arrived[p + "n:" + path] = count
+        if count >= spec.counted:
+            ready.append(Task(name, gen, path, None, (), {}, spec.digest, spec.ttr, spec.max_retries,
+                              spec.retry_delay, spec.record, ()))
+    if arrived:
+        now_n = store.get_many(list(arrived))
+        for key, count in arrived.items():
+            current = int(now_n.get(key, b"0"))
+            if count > current:
+                deltas[key] = count - current
+    if deltas:
+        store.incr_many(deltas)
+    if ready:
+        from packmule._spill import spill_bodies
+
+        backend.queue.put_many(list(spill_bodies(backend, signer, encode(signer, ready), ttl)))
+        fixes.append(f"{len(ready)} continuations queued")
+    if not fixes:
+        return None
+    log.warning("run %r (generation %s) was stalled; recounted from its value records: %s", name, gen,
+                ", ".join(fixes))
+    return ", ".join(fixes)
