@@ -33,7 +33,7 @@ from packmule._state import GONE, VOID, RunState, blob_key, check_name, prefix, 
 from packmule._types import JobRef, Progress
 from packmule._watchdog import Watchdog
 from packmule._wire import BUNDLE, Entries, Task, count, expand, pack, shard
-from packmule.backends.base import Backend, Put, Store
+from packmule.backends.base import Backend, Put
 
 log = logging.getLogger("packmule")
 
@@ -325,7 +325,8 @@ class Runner:
         return ref_for(self.backend, self.name, gen, path)
 
     def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
-        """Block until every ref has a value; the values in order, or the first failure."""
+        """Block until every ref has a value; the values in order, or the first
+        failure.  An unreachable store is ridden out as ``wait()`` does."""
         state = self._state()
         ids = [r[0] for r in refs]  # (r.id, without a property call per ref)
         gen = self._pm_gen
@@ -336,60 +337,26 @@ class Runner:
         else:
             gen = None  # inputs from another run: no counter to gate on
             ref_keys = value_keys(ids)
-        keys = list(dict.fromkeys(ref_keys))  # each value read once
+        waiter = _Waiter(self, f"{len(ref_keys)} jobs for deferred_result", self.wait_timeout)
+        reader = _ValueReader(state, list(dict.fromkeys(ref_keys)), gen, waiter)  # each value read once
+        while not reader.finished():
+            try:
+                reader.step()
+            except BackendUnavailable as exc:
+                reader.ahead = None  # read again from the first value missing
+                waiter.unreachable(exc)
+        recs, follow = reader.recs, reader.refs_to_follow
         signer, store = state.signer, state.store
-        recs: dict[str, tuple[Any, ...]] = {}
-        refs_to_follow: dict[str, str] = {}
-        waiter = _Waiter(self, f"{len(keys)} jobs for deferred_result", self.wait_timeout)
-        # Values are read a window of READ_CHUNK keys at a time, from the first one
-        # missing on.  While windows come back full, the reader is behind the
-        # workers: it asks for the next window before it checks the values of this
-        # one, so that the store fetches while it checks.
-        pos = cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
-        seen_done, last_done = -1, -1
-        ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
-        while pos < len(keys):
-            if ahead is None:
-                if gen is not None and len(keys) - pos > 100:
-                    # read values only when enough jobs finished since the last look:
-                    # three counters are cheaper than a thousand values
-                    now = state.progress(gen)
-                    assert now is not None
-                    if now.done != last_done:
-                        # jobs are finishing: keep looking often, so that the values are
-                        # read while workers run and the last ones soon after they exist
-                        last_done = now.done
-                        waiter.progressed()
-                    if now.done - seen_done < min(len(keys) - pos, READ_CHUNK) and not now.complete:
-                        waiter.pause(f"{len(keys) - pos} of {len(keys)} jobs not done")
-                        continue
-                    seen_done = now.done
-                cursor = pos
-                ahead = self._read_ahead(store, keys, cursor, recs)
-                cursor += READ_CHUNK
-            window, answer = ahead
-            got = gather(store, signer, answer())
-            ahead = None
-            if len(got) == len(window) and cursor < len(keys):
-                # every value asked for was there: more may be, ask for them now
-                ahead = self._read_ahead(store, keys, cursor, recs)
-                cursor += READ_CHUNK
-            for key, rec in zip(got, signer.loads_many(got.values()), strict=True):
-                recs[key] = rec
-                if rec[0] == "ref":
-                    refs_to_follow[key] = rec[1]
-            while pos < len(keys) and keys[pos] in recs:
-                pos += 1
-            if ahead is None and pos < len(keys):
-                waiter.pause(f"{len(keys) - pos} of {len(keys)} jobs not done")
-            else:
-                waiter.progressed()
-        trail: list[str] = list(refs_to_follow.values())
-        while refs_to_follow:  # values that are JobRefs: follow them to the end
-            ends = records(store, signer, list(set(refs_to_follow.values())), trail)
-            missing = {k: r for k, r in refs_to_follow.items() if r not in ends}
-            recs.update((k, ends[r]) for k, r in refs_to_follow.items() if r in ends)
-            refs_to_follow = missing
+        trail: list[str] = list(follow.values())
+        while follow:  # values that are JobRefs: follow them to the end
+            try:
+                ends = records(store, signer, list(set(follow.values())), trail)
+            except BackendUnavailable as exc:
+                waiter.unreachable(exc)
+                continue
+            missing = {k: r for k, r in follow.items() if r not in ends}
+            recs.update((k, ends[r]) for k, r in follow.items() if r in ends)
+            follow = missing
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
         values = []
@@ -398,15 +365,8 @@ class Runner:
             # the common case inline; unwrap raises for a failure (the first, in order)
             values.append(rec[1] if rec[0] == "ok" else unwrap(rec, ref_id))
         if not self.record_return_values:
-            store.set_many(dict.fromkeys([*keys, *value_keys(trail)], signer.dumps(GONE)), state.ttl)
+            store.set_many(dict.fromkeys([*reader.keys, *value_keys(trail)], signer.dumps(GONE)), state.ttl)
         return values
-
-    @staticmethod
-    def _read_ahead(store: Store, keys: list[str], start: int, recs: dict[str, tuple[Any, ...]]
-                    ) -> tuple[list[str], Callable[[], dict[str, bytes]]]:
-        """Start reading the values of keys[start:start + READ_CHUNK] not read yet."""
-        window = [k for k in keys[start:start + READ_CHUNK] if k not in recs]
-        return window, store.get_many_soon(window)
 
     # --- reading a run ------------------------------------------------------------------
     def _gen(self) -> str | None:
@@ -521,6 +481,68 @@ class Runner:
         state = self._state()
         with self.backend.lock(f"pm-recount:{self.name}", RECOUNT_LOCK_TIMEOUT):
             return _census.recount(self.backend, state.signer, self.name, gen, prefix(self.name, gen), state.ttl)
+
+
+class _ValueReader:
+    """How a blocking deferred_result reads its values.  They are read a window of
+    READ_CHUNK keys at a time, from the first one missing on.  While windows come
+    back full, the reader is behind the workers: it asks for the next window
+    before it checks the values of this one, so that the store fetches while it
+    checks.  With a counter to gate on (inputs of this run), values are read only
+    when enough jobs finished since the last look: three counters are cheaper
+    than a thousand values."""
+
+    def __init__(self, state: RunState, keys: list[str], gen: str | None, waiter: _Waiter) -> None:
+        self.state, self.keys, self.gen, self.waiter = state, keys, gen, waiter
+        self.recs: dict[str, tuple[Any, ...]] = {}
+        self.refs_to_follow: dict[str, str] = {}  # value key -> the job id its value refers to
+        self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
+        self.seen_done = self.last_done = -1
+        self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
+
+    def finished(self) -> bool:
+        return self.pos >= len(self.keys)
+
+    def step(self) -> None:
+        keys, waiter, state = self.keys, self.waiter, self.state
+        left = len(keys) - self.pos
+        if self.ahead is None:
+            if self.gen is not None and left > 100:
+                now = state.progress(self.gen)
+                assert now is not None
+                if now.done != self.last_done:
+                    # jobs are finishing: keep looking often, so that the values are
+                    # read while workers run and the last ones soon after they exist
+                    self.last_done = now.done
+                    waiter.progressed()
+                if now.done - self.seen_done < min(left, READ_CHUNK) and not now.complete:
+                    waiter.pause(f"{left} of {len(keys)} jobs not done")
+                    return
+                self.seen_done = now.done
+            self.cursor = self.pos
+            self._ask()
+        assert self.ahead is not None
+        window, answer = self.ahead
+        got = gather(state.store, state.signer, answer())
+        self.ahead = None
+        if len(got) == len(window) and self.cursor < len(keys):
+            self._ask()  # every value asked for was there: more may be, ask for them now
+        for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
+            self.recs[key] = rec
+            if rec[0] == "ref":
+                self.refs_to_follow[key] = rec[1]
+        while self.pos < len(keys) and keys[self.pos] in self.recs:
+            self.pos += 1
+        if self.ahead is None and self.pos < len(keys):
+            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done")
+        else:
+            waiter.progressed()
+
+    def _ask(self) -> None:
+        """Start reading the values of the next window not read yet."""
+        window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
+        self.ahead = window, self.state.store.get_many_soon(window)
+        self.cursor += READ_CHUNK
 
 
 class _Waiter:

@@ -271,3 +271,46 @@ def test_env_var_switches_backend_without_code_change(cluster):
 def test_job_processes_are_children_of_the_worker(cluster):
     assert len(cluster.worker_pids()) == 2
     assert all(pid != os.getpid() for pid in cluster.worker_pids())
+
+
+def test_workers_with_another_secret_make_wait_raise_naming_the_secret(idle_cluster):
+    # Given the only worker has another PACKMULE_SECRET than this process
+    right = idle_cluster.extras["env"]
+    idle_cluster.extras["env"] = dict(right, PACKMULE_SECRET="not-the-drivers-secret")
+    try:
+        worker = start_worker(idle_cluster, 1)
+    finally:
+        idle_cluster.extras["env"] = right
+    try:
+        runner = Plain(backend=idle_cluster.backend)
+        jobs = runner.enqueue_each("work", range(3))
+        # Then waiting says why nothing runs, within seconds, in wait and in deferred_result
+        started = time.monotonic()
+        with pytest.raises(packmule.SecretMismatch, match="PACKMULE_SECRET") as err:
+            runner.wait(timeout=WAIT)
+        assert time.monotonic() - started < 15
+        assert "signature" in str(err.value) and isinstance(err.value, packmule.NoWorkers)
+        with pytest.raises(packmule.SecretMismatch):
+            runner.deferred_result("work", jobs)
+        status = _cli(idle_cluster, "status", runner.name)
+        assert "REFUSED" in status.stdout and "PACKMULE_SECRET" in status.stdout
+    finally:
+        stop_worker(worker)
+
+
+def test_an_enqueue_that_cannot_reach_beanstalkd_leaves_the_counts_as_they_were(cluster):
+    runner = Plain(backend=cluster.backend)
+    runner.enqueue("work", 1)
+    assert runner.wait(timeout=WAIT) == "1.0 / 1.0"
+    # When beanstalkd is down, an enqueue raises and counts nothing
+    cluster.extras["beanstalkd"].kill()
+    with pytest.raises(packmule.BackendUnavailable, match="PACKMULE_BEANSTALKD"):
+        runner.enqueue_each("work", range(10))
+    with pytest.raises(packmule.BackendUnavailable):
+        runner.enqueue("work", 2)
+    assert runner.update_progress() == "1.0 / 1.0"
+    # Then, once it is back, later jobs complete the run at exact counts
+    cluster.extras["beanstalkd"].start()
+    runner.enqueue("work", 3)
+    progress = runner.wait(timeout=WAIT)
+    assert (progress.done, progress.total, progress.failed) == (2, 2, 0)
