@@ -189,7 +189,10 @@ class Driver:
                 value = runner.deferred_result("total", refs)
             except Exception as exc:
                 return "hang", f"blocking deferred_result raised {type(exc).__name__}: {exc}; {progress_of(runner)}"
-            progress = runner.update_progress()
+            try:  # the counts, once the run is complete (a wait recounts one a kill left short)
+                progress = runner.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except Exception as exc:
+                return "hang", f"wait raised {type(exc).__name__}: {short(str(exc), 400)}; {progress_of(runner)}"
             got: Any = value
         else:
             try:

@@ -51,6 +51,7 @@ class Soak(packmule.Runner):
     record_return_values = True
     retry_delay = 0.1
     time_to_run = 30.0
+    max_crashes = 1000  # the chaos thread kills workers at random: the deaths are not the jobs' fault
     scratch = ""
 
     # --- two-level fan-out: root -> branches -> leaves; sums come back up -------------

@@ -20,6 +20,7 @@ continuations whose inputs are all there are queued.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from packmule.backends.base import Backend, Store
 log = logging.getLogger("packmule")
 
 READ = 1000  # keys a bulk read or delete carries
+SETTLE = 2.0  # s between reading a run's values and its counters, in a recount
 KINDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # the per-path keys of a run
 RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel")
 
@@ -106,7 +108,8 @@ def delete(store: Store, keys: Sequence[str]) -> None:
         store.delete_many(part)
 
 
-def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: float) -> str | None:
+def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: float,
+            settle: float = SETTLE) -> str | None:
     """Recount a stalled run from its value records (the caller holds the
     run's repair lock): fix ``total``/``done``/``failed``, apply a finished
     continuation's hand-offs, and queue each continuation whose inputs are all
@@ -115,6 +118,12 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
 
     store = backend.store
     nodes = walk(store, p, with_values=True)
+    # The counters are read a while after the values: a live worker's commit
+    # between its two writes then has its counts in, so what the counters lack
+    # is what dead workers never wrote (or less, never more: only positive
+    # differences are added, and a continuation is queued only by the caller
+    # whose increment completes its count).
+    time.sleep(settle)
     raw = {path: n.value for path, n in nodes.items() if n.value is not None}
     records: dict[str, Any] = dict(zip(raw, signer.loads_many(gather(store, signer, raw).values()), strict=True))
     specs = {path: Spec(**signer.loads(n.spec)) for path, n in nodes.items() if n.spec is not None}
@@ -157,32 +166,29 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
     deltas = {}
     for key, true in (("total", total), ("done", done), ("failed", failed)):
         now = int(counters[p + key])
-        if true != now:
+        if true > now:
             deltas[p + key] = true - now
             fixes.append(f"{key} {now} -> {true}")
 
     # continuations whose own inputs all arrived but that were never queued
-    ready: list[Task] = []
-    arrived: dict[str, int] = {}
+    arrived: dict[str, tuple[int, Spec, str]] = {}  # n: key -> (inputs arrived, spec, path)
     for path, spec in specs.items():
         if path in records or spec.counted == 0:
             continue
         parent = path.rpartition(".")[0]
         own = {i.rpartition("/")[2] for i in spec.inputs
                if i.startswith(f"{name}/{gen}/") and i.rpartition("/")[2].rpartition(".")[0] == parent}
-        count = sum(1 for i in own if i in records)
-        arrived[p + "n:" + path] = count
-        if count >= spec.counted:
-            ready.append(Task(name, gen, path, None, (), {}, spec.digest, spec.ttr, spec.max_retries,
-                              spec.retry_delay, spec.record, ()))
+        arrived[p + "n:" + path] = (sum(1 for i in own if i in records), spec, path)
     if arrived:
         now_n = store.get_many(list(arrived))
-        for key, count in arrived.items():
+        for key, (count, _, _) in arrived.items():
             current = int(now_n.get(key, b"0"))
             if count > current:
                 deltas[key] = count - current
-    if deltas:
-        store.incr_many(deltas)
+    results = store.incr_many(deltas) if deltas else {}
+    ready = [Task(name, gen, path, None, (), {}, spec.digest, spec.ttr, spec.max_retries, spec.retry_delay,
+                  spec.record, ())
+             for key, (_, spec, path) in arrived.items() if key in deltas and results.get(key) == spec.counted]
     if ready:
         from packmule._spill import spill_bodies
 

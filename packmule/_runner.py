@@ -44,6 +44,7 @@ OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
 RECOUNT_LOCK_TIMEOUT = 60.0  # s to wait while another process recounts the same run
+RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 _stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
@@ -557,6 +558,8 @@ class _Waiter:
         self.idle_since: float | None = None
         self.empty_since: float | None = None
         self.outage_since: float | None = None
+        self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
+        self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
 
     def progressed(self) -> None:
         self.delay = POLL_MIN
@@ -591,12 +594,31 @@ class _Waiter:
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, POLL_MAX)
 
+    def _recount(self, gen: str) -> bool:
+        """Recount the run (``Runner._recount``); whether it fixed anything.  The
+        next recount without progress waits twice as long."""
+        try:
+            fixed = self.runner._recount(gen) is not None
+        except (TimeoutError, BackendUnavailable) as exc:  # the lock: another process recounts, or is gone
+            log.warning("run %r: no recount now: %s", self.runner.name, exc)
+            fixed = False
+        now = time.monotonic()
+        if fixed:
+            self.empty_since, self.moved_at, self.recount_after = None, now, STALLED_AFTER
+        else:
+            self.moved_at, self.recount_after = now, min(self.recount_after * 2, RECOUNT_AFTER_MAX)
+        return fixed
+
     def _check(self, now: float, status: str) -> None:
         runner = self.runner
         gen = runner._gen()
+        progress = None
         if gen is not None:
             state = runner._state()
-            state.progress(gen)  # raises RunStateLost
+            progress = state.progress(gen)  # raises RunStateLost
+            assert progress is not None
+            if progress.done != self.done_seen:
+                self.done_seen, self.moved_at, self.recount_after = progress.done, now, STALLED_AFTER
             cancelled, rejected = state.alerts(gen)
             if cancelled:
                 raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
@@ -610,17 +632,20 @@ class _Waiter:
                     "run and queue it again")
         stats = runner.backend.queue.stats()
         if gen is not None and not (stats.ready or stats.reserved or stats.delayed):
-            # nothing anywhere in the queue, yet the run is not complete: it never will be
             self.empty_since = self.empty_since or now
-            if now - self.empty_since >= STALLED_AFTER:
-                if runner._recount(gen) is not None:
-                    self.empty_since = None  # the counts were short, or a continuation unqueued: fixed
-                    return
-                raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
-                                   f"at {status}; a worker died between two store writes, or its state was "
-                                   "evicted (see `packmule status`)")
         else:
             self.empty_since = None
+        quiet = self.empty_since is not None and now - self.empty_since >= STALLED_AFTER
+        if gen is not None and progress is not None and progress.done < progress.total and (
+                quiet or now - self.moved_at >= self.recount_after):
+            # no progress for a while (or nothing at all queued or running): a
+            # worker may have died between two store writes; recount the run
+            if self._recount(gen):
+                return
+            if quiet:  # nothing anywhere in the queue, nothing to recount: it will never complete
+                raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
+                                   f"at {status}, and its value records say the same; its state was evicted "
+                                   "or its jobs were lost (see `packmule status`)")
         if stats.workers > 0 or not (stats.ready or stats.delayed):
             self.idle_since = None
             return
