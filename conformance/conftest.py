@@ -1,5 +1,6 @@
 """Runs every test of the suite once per backend named by ``--backends`` (or
-``PACKMULE_CONFORMANCE_BACKENDS``; default ``local``)."""
+``PACKMULE_CONFORMANCE_BACKENDS``; default ``local``), each served by the
+harness :func:`harness.factory_for` finds for it."""
 
 from __future__ import annotations
 
@@ -8,17 +9,28 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import HARNESSES, Harness
+from .harness import Factory, Harness, factory_for
+from .plugin import OPTIONS_PLUGIN, add_options
+
+FACTORIES = pytest.StashKey[dict[str, Factory]]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--backends", default=None,
-                     help="comma-separated backends to run the conformance suite on (default: local)")
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    if not pluginmanager.has_plugin(OPTIONS_PLUGIN):  # else plugin.py added them (a --pyargs run)
+        add_options(parser)
 
 
 def backend_names(config: pytest.Config) -> list[str]:
     raw = config.getoption("--backends") or os.environ.get("PACKMULE_CONFORMANCE_BACKENDS") or "local"
     return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+def pytest_collection_modifyitems(config: pytest.Config) -> None:
+    """Find every backend's harness before any test runs: a name without one stops the run, saying why."""
+    try:
+        config.stash[FACTORIES] = {name: factory_for(name) for name in backend_names(config)}
+    except LookupError as exc:
+        pytest.exit(f"packmule conformance suite: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -28,10 +40,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
-    name = request.param
-    if name not in HARNESSES:
-        raise pytest.UsageError(f"no conformance harness for backend {name!r}; known: {sorted(HARNESSES)}")
-    with HARNESSES[name]() as h:
+    with request.config.stash[FACTORIES][request.param]() as h:
         yield h
 
 

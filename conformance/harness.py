@@ -1,14 +1,17 @@
 """Harnesses: a backend with workers serving it, for the conformance suite.
 
 A harness yields a :class:`Harness`; the suite reaches the backend only through
-``harness.backend`` (the interface) and packmule's public API.  A third party
-adds theirs with ``register('name', factory)`` in a ``conftest.py``, then runs
-``pytest --pyargs packmule.conformance --backends name``.
+``harness.backend`` (the interface) and packmule's public API.  :func:`factory_for`
+finds a backend's harness: one registered here, else one a package declares
+under the ``packmule.conformance_harnesses`` entry point group (``NAME =
+"module:factory"``, a factory like those below), else :func:`default_harness`
+for a backend that starts its own workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -16,10 +19,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 import psutil
 from packmule.backends.base import Backend
+
+from packmule._config import ENTRY_POINT_GROUP, backend_class
+
+HARNESS_GROUP = "packmule.conformance_harnesses"  # NAME = "module:factory", for backends with outside workers
+SUITE_VARS = {"PACKMULE_CONFORMANCE_BACKENDS", "PACKMULE_REQUIRE_CLUSTER"}  # settings of the suite, not of a backend
 
 
 @dataclass
@@ -39,6 +48,46 @@ HARNESSES: dict[str, Factory] = {}
 
 def register(name: str, factory: Factory) -> None:
     HARNESSES[name] = factory
+
+
+def factory_for(name: str) -> Factory:
+    """The harness factory for the backend registered as ``name``: one registered
+    here, else one declared under the :data:`HARNESS_GROUP` entry point group, else
+    :func:`default_harness` if the backend starts its own workers.  ``LookupError``
+    (saying what to write) otherwise."""
+    if name in HARNESSES:
+        return HARNESSES[name]
+    for ep in entry_points(group=HARNESS_GROUP, name=name):
+        factory: Factory = ep.load()
+        return factory
+    if not entry_points(group=ENTRY_POINT_GROUP, name=name):
+        known = sorted({*HARNESSES, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+        raise LookupError(f"no backend {name!r}: no installed package registers it under the "
+                          f"{ENTRY_POINT_GROUP!r} entry point group (installed: {', '.join(known)})")
+    cls = backend_class(name)
+    if cls.ensure_workers is Backend.ensure_workers:
+        raise LookupError(
+            f"backend {name!r} ({cls.__module__}.{cls.__qualname__}) does not start its own workers "
+            f"(it does not override Backend.ensure_workers), and no package declares a harness that starts "
+            f"them under the {HARNESS_GROUP!r} entry point group; see README, 'Write your own backend'")
+    return functools.partial(default_harness, name)
+
+
+@contextlib.contextmanager
+def default_harness(name: str) -> Iterator[Harness]:
+    """The backend registered as ``name``, built from the environment as a user's
+    process builds it, with ``ensure_workers()`` called, and closed afterwards.
+    Jobs run in the processes under this one: the backend's ``worker_pids()`` if
+    it has one, else every process below this one."""
+    backend = backend_class(name).from_env(os.environ)
+    try:
+        backend.ensure_workers()
+        env = {k: v for k, v in os.environ.items() if k.startswith("PACKMULE_") and k not in SUITE_VARS}
+        env["PACKMULE_BACKEND"] = name
+        pids = getattr(backend, "worker_pids", None)
+        yield Harness(backend, env, pids if callable(pids) else lambda: job_processes([os.getpid()]))
+    finally:
+        backend.close()
 
 
 @contextlib.contextmanager
