@@ -104,7 +104,8 @@ def test_a_killer_inside_a_bundle_fails_alone(harness, tmp_path):
     runner.enqueue_each("exits_if", range(10), 4, path)
     progress = runner.wait(timeout=60)
     assert (progress.done, progress.total, progress.failed) == (10, 10, 1)
-    assert 3 <= len(lines(path)) <= 4  # three deaths alone, maybe one more inside its first bundle
+    # three deaths alone; before, maybe one with its bundle and one with others of a batch
+    assert 3 <= len(lines(path)) <= 5
 
 
 def test_a_single_kill_still_runs_the_job_again(backend, tmp_path):

@@ -253,6 +253,7 @@ class Engine:
     # --- running ---------------------------------------------------------------
     def run_batch(self, items: Sequence[Reserved]) -> int:
         """Run and commit a batch; returns how many tasks ran user code."""
+        items = self._isolate_suspects(items)
         bundles = self.decode(items)
         if not bundles:
             return 0
@@ -323,6 +324,20 @@ class Engine:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
         self.commit_safely(outcomes)
         return ran
+
+    def _isolate_suspects(self, items: Sequence[Reserved]) -> Sequence[Reserved]:
+        """A queue item whose holder died with it runs alone: the rest of the
+        batch goes back at once, so that if it kills this worker too, only it
+        is blamed (a released item is not a crash)."""
+        if len(items) < 2:
+            return items
+        suspect = next((item for item in items if item.crashes), None)
+        if suspect is None:
+            return items
+        for item in items:
+            if item is not suspect:
+                self.queue.release(item.handle, 0.0)
+        return [suspect]
 
     def _set_aside_crashers(self, bundles: list[Bundle], outcomes: list[Outcome], got: dict[str, bytes],
                             specs: dict[str, Spec]) -> list[Bundle]:
