@@ -57,6 +57,17 @@ class Faulty(packmule.Runner):
     def total(self, values: list[Any]) -> int:
         return sum(values)
 
+    def hands_off(self, width: int, path: str) -> Any:
+        return self.deferred_result("total_then_die", [self.enqueue("fine", i) for i in range(width)], path)
+
+    def total_then_die(self, values: list[Any], path: str) -> int:
+        """A continuation whose worker is killed once, right after its commit
+        counted it (and the job that returned it) done."""
+        if not lines(path):
+            note(path, str(os.getpid()))
+            _engine.FAULTS["after_counts"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return sum(values)
+
     def dies_after_commit_write(self, x: int, path: str) -> int:
         """Returns, then has its worker killed between the commit's first store
         write (the value) and its second (the counts), once."""

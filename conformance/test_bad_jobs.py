@@ -128,3 +128,16 @@ def test_a_worker_killed_between_the_two_commit_writes_leaves_a_run_that_complet
     assert len(lines(path)) == 1
     assert (progress.done, progress.total, progress.failed) == (6, 6, 0)
     assert runner.get_return_value() == 0 + 1 + 2 + 3 + 4
+
+
+def test_a_run_counted_complete_has_its_value_even_if_the_worker_dies_right_after(backend, tmp_path):
+    # Given a job whose value is its continuation's, and a worker killed just
+    # after the continuation's commit counted both done
+    runner = Faulty(backend=backend)
+    path = str(tmp_path / "killed")
+    runner.enqueue("hands_off", 4, path)
+    progress = runner.wait(timeout=WAIT)
+    # Then the moment the run reads complete, the root's value is there
+    assert runner.get_return_value() == 0 + 1 + 2 + 3
+    assert len(lines(path)) == 1
+    assert (progress.done, progress.total, progress.failed) == (5, 5, 0)

@@ -138,6 +138,15 @@ class Outcome:
         self.consumed: Sequence[str] = ()  # value keys to mark gone (record=False)
 
 
+class Counts(NamedTuple):
+    """What a commit counts, from the adds it won (``Engine._count``)."""
+
+    deltas: dict[str, int]  # counter key -> increment
+    handoffs: dict[str, bytes]  # value key -> record: a continuation's value handed to its jobs; consumed inputs
+    fire: dict[str, tuple[int, Task]]  # n: key -> (inputs expected, the continuation to queue when reached)
+    failed_paths: dict[str, list[str]]  # run prefix -> paths of the jobs that failed for good
+
+
 class Bundle(NamedTuple):
     """The tasks of one reserved queue item: they share a run, a method and a
     runner (``packmule._wire``), so what depends only on those is done once."""
@@ -444,13 +453,55 @@ class Engine:
 
     # --- committing --------------------------------------------------------------
     def commit(self, outcomes: list[Outcome]) -> None:
+        """Commit a batch's effects, in the order that loses nothing when the
+        worker dies anywhere: values (the adds that decide which execution
+        completes a job), the hand-offs of completed continuations, the counts,
+        the failure list, then the queue (children, ready continuations, acks)."""
         self.watchdog.settle()
         self._settle_raised(outcomes)
-        done = [o for o in outcomes if o.kind == "done"]
+        adds, valued, enqueued = self._stage(outcomes)
+        won = self.store.add_many(spill_values(self.store, self.signer, adds, self.ttl), self.ttl) if adds else set()
+        if FAULTS:
+            _fault("after_add")
+        counts = self._count(won, valued, enqueued)
+        if counts.handoffs:  # before the counts: a run whose done reaches total has its values
+            self.store.set_many(counts.handoffs, self.ttl)
+        results = self.store.incr_many(counts.deltas) if counts.deltas else {}
+        if FAULTS:
+            _fault("after_counts")
+        later: list[Task] = []  # children and continuations to queue
+        failures: dict[str, bytes] = {}  # f:<k> -> path of the k-th failed job of its run
+        for key, value in results.items():
+            if value is None:
+                log.warning("run state lost: counter %s is gone from the store", key)
+            elif key in counts.fire and value == counts.fire[key][0]:
+                later.append(counts.fire[key][1])
+            elif key.endswith(":failed"):
+                p = key[: -len("failed")]
+                paths = counts.failed_paths[p]
+                failures.update((f"{p}f:{value - len(paths) + 1 + i}", path.encode()) for i, path in enumerate(paths))
+        if failures:
+            self.store.set_many(failures, self.ttl)
+        for o in enqueued:
+            assert o.ctx is not None
+            later += o.ctx.children
+            later += [self._continuation_task(o.task, path)
+                      for path, spec in o.ctx.deferreds.items() if spec.counted == 0]
+        if log.isEnabledFor(logging.INFO):
+            log_outcomes(outcomes)
+        self._finish_queue(outcomes, later)
+
+    def _stage(self, outcomes: list[Outcome]) -> tuple[dict[str, bytes | int], list[tuple[str, Outcome]],
+                                                       list[Outcome]]:
+        """What the batch adds to the store: each completed job's value record,
+        and for a job that enqueued, its commit marker, runner blobs and its
+        continuations' specs.  Also which outcomes store a value, and which enqueued."""
         adds: dict[str, bytes | int] = {}
         valued: list[tuple[str, Outcome]] = []  # (value key, outcome) of those that store a value
         enqueued: list[Outcome] = []  # those that enqueued jobs or continuations
-        for o in done:
+        for o in outcomes:
+            if o.kind != "done":
+                continue
             t, p, ctx = o.task, o.p, o.ctx
             if ctx is not None and (ctx.children or ctx.deferreds):
                 enqueued.append(o)
@@ -467,20 +518,19 @@ class Engine:
                 valued.append((p + "v:" + t.path, o))
         adds.update(zip([key for key, _ in valued], self.signer.sign_many(map(self._stored, valued)),
                         strict=True))
-        won = self.store.add_many(spill_values(self.store, self.signer, adds, self.ttl), self.ttl) if adds else set()
-        if FAULTS:
-            _fault("after_add")
+        return adds, valued, enqueued
 
-        deltas: dict[str, int] = defaultdict(int)
-        sets: dict[str, bytes] = {}
-        fire: dict[str, tuple[int, Task]] = {}  # n: key -> (inputs expected, continuation task)
+    def _count(self, won: set[str], valued: list[tuple[str, Outcome]], enqueued: list[Outcome]) -> Counts:
+        """The counts the adds this worker won stand for: ``total`` for the
+        children of a job whose enqueues it committed first; ``done``/``failed``
+        and the watchers' arrived counters for the jobs it completed first."""
+        c = Counts(defaultdict(int), {}, {}, defaultdict(list))
         finished: dict[str, int] = defaultdict(int)  # run prefix -> jobs done for good
-        failed_paths: dict[str, list[str]] = defaultdict(list)  # run prefix -> paths of failed jobs
         for o in enqueued:
             key = o.p + "cm:" + o.task.path
             if o.ctx is not None and o.ctx.children and key in won:
                 won.discard(key)  # a job twice in one batch counts once
-                deltas[o.p + "total"] += len(o.ctx.children)
+                c.deltas[o.p + "total"] += len(o.ctx.children)
         for key, o in valued:
             if key not in won:
                 continue  # another execution completed this job
@@ -491,48 +541,27 @@ class Engine:
             if o.spec is None:  # a job: it finishes itself
                 finished[p] += 1
                 if failed:
-                    failed_paths[p].append(t.path)
+                    c.failed_paths[p].append(t.path)
                 watchers: Sequence[tuple[str, int]] = t.watchers
             else:  # a continuation finishes the jobs that handed their value to it
                 jobs = [path for path, is_job in o.spec.finishes if is_job]
                 finished[p] += len(jobs)
                 if failed:
-                    failed_paths[p] += jobs
+                    c.failed_paths[p] += jobs
                 ref = self.signer.dumps(("ref", job_id(t.name, t.gen, t.path)))
-                sets.update((p + "v:" + path, ref) for path, _ in o.spec.finishes)
+                c.handoffs.update((p + "v:" + path, ref) for path, _ in o.spec.finishes)
                 watchers = o.spec.watchers
             for w_path, expected in watchers:
-                deltas[p + "n:" + w_path] += 1
-                fire[p + "n:" + w_path] = (expected, self._continuation_task(t, w_path))
+                c.deltas[p + "n:" + w_path] += 1
+                c.fire[p + "n:" + w_path] = (expected, self._continuation_task(t, w_path))
             if o.consumed:
                 gone = self.signer.dumps(GONE)
-                sets.update((k, gone) for k in o.consumed)
+                c.handoffs.update((k, gone) for k in o.consumed)
         for p, count in finished.items():
-            deltas[p + "done"] += count
-        for p, paths in failed_paths.items():
-            deltas[p + "failed"] += len(paths)
-        results = self.store.incr_many(deltas) if deltas else {}
-        later: list[Task] = []  # children and continuations to queue
-        for key, value in results.items():
-            if value is None:
-                log.warning("run state lost: counter %s is gone from the store", key)
-            elif key in fire and value == fire[key][0]:
-                later.append(fire[key][1])
-            elif key.endswith(":failed"):
-                p = key[: -len("failed")]
-                paths = failed_paths[p]
-                sets.update((f"{p}f:{value - len(paths) + 1 + i}", path.encode()) for i, path in enumerate(paths))
-        if sets:
-            self.store.set_many(sets, self.ttl)
-
-        for o in enqueued:
-            assert o.ctx is not None
-            later += o.ctx.children
-            later += [self._continuation_task(o.task, path)
-                      for path, spec in o.ctx.deferreds.items() if spec.counted == 0]
-        if log.isEnabledFor(logging.INFO):
-            log_outcomes(outcomes)
-        self._finish_queue(outcomes, later)
+            c.deltas[p + "done"] += count
+        for p, paths in c.failed_paths.items():
+            c.deltas[p + "failed"] += len(paths)
+        return c
 
     def commit_safely(self, outcomes: list[Outcome]) -> None:
         """``commit``; if the store or the queue refuses what a batch produced (not
