@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -314,3 +315,28 @@ def test_an_enqueue_that_cannot_reach_beanstalkd_leaves_the_counts_as_they_were(
     runner.enqueue("work", 3)
     progress = runner.wait(timeout=WAIT)
     assert (progress.done, progress.total, progress.failed) == (2, 2, 0)
+
+
+def test_a_blocking_deferred_result_rides_out_a_store_outage(cluster, tmp_path):
+    # Given a driver that reaches memcached through a proxy (the workers do not)
+    from packmule.backends.beanstalk import BeanstalkBackend
+
+    from conformance.servers import Proxy
+
+    proxy = Proxy(cluster.extras["memcached"].address)
+    driver = BeanstalkBackend.from_env(dict(cluster.env, PACKMULE_MEMCACHED=proxy.address))
+    try:
+        runner = Worky(backend=driver, record_return_values=True)
+        path = str(tmp_path / "pids")
+        jobs = runner.enqueue_each("pid_then_sleep_item", range(6), path, 1.5)
+        _started(path)
+        # When the store is out of its reach for a few seconds while it waits
+        proxy.cut()
+        threading.Timer(3.0, proxy.resume).start()
+        started = time.monotonic()
+        # Then it waits the outage out and returns the values in order
+        assert runner.deferred_result("collect", jobs) == list(range(6))
+        assert time.monotonic() - started >= 3.0
+    finally:
+        proxy.close()
+        driver.close()
