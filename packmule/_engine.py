@@ -212,6 +212,7 @@ class Engine:
         self._runners: dict[str, RunnerMaker] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
         self.max_payload = _config.max_payload()
+        self.delay_scale = _config.delay_scale()  # (PACKMULE_DELAY_SCALE) on retry backoff and POLL_DELAY
 
     # --- decoding ------------------------------------------------------------
     def decode(self, items: Sequence[Reserved]) -> list[Bundle]:
@@ -613,7 +614,7 @@ class Engine:
             limit = o.spec.max_retries if o.spec else o.task.max_retries
             if attempt <= limit:
                 base = o.spec.retry_delay if o.spec else o.task.retry_delay
-                delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF)
+                delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF) * self.delay_scale
                 log.warning("job %s raised %s: %s; retry %d of %d in %.1fs", info["job"], info["exc_type"],
                             info["message"], attempt, limit, delay)
                 o.kind, o.record = "retry", (delay,)
@@ -647,7 +648,8 @@ class Engine:
                 elif o.kind in ("done", "ack"):
                     acks.append(handle)
                 else:
-                    delay = o.record[0] if o.kind == "retry" and o.record else POLL_DELAY if o.kind == "poll" else 0.0
+                    poll = POLL_DELAY * self.delay_scale
+                    delay = o.record[0] if o.kind == "retry" and o.record else poll if o.kind == "poll" else 0.0
                     releases.append((handle, delay))
                 continue
             later += [o.task for o in group if o.kind == "handback"]
