@@ -22,7 +22,6 @@ import contextvars
 import logging
 import pickle
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from packmule._codec import Forged, Signer, dumps
 from packmule._errors import BackendUnavailable
 from packmule._spill import gather, gather_one, spill_bodies, spill_values
 from packmule._state import GONE, blob_key, job_id, prefix, records, rejected_key, value_key
+from packmule._tracebacks import traceback_text
 from packmule._types import JobRef
 from packmule._watchdog import Watchdog
 from packmule._wire import Task, decode, encode
@@ -109,7 +109,7 @@ def failure_info(task: Task, method: str, args: Any, exc: BaseException) -> dict
         "args": _short_repr(args),
         "exc_type": type(exc).__name__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": traceback_text(exc),
     }
 
 

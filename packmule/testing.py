@@ -16,7 +16,9 @@ for the next one, and nothing keeps the pytest process from exiting.
 
 The fixture's value, a :class:`BackendFixture`, offers ``join(timeout)`` (wait
 until the test's runs are finished; raise the first job that failed for good as
-soon as it does), ``attempts(ref)`` (how many times a job ran) and ``failures()``.
+soon as it does), ``attempts(ref)`` (how many times a job ran) and ``failures()``.  While the test
+runs, what its module defines (its runners) is pickled by value, so workers
+never import the test module.
 
 On a real cluster: with ``PACKMULE_BACKEND`` naming another backend (say
 ``beanstalk``), the fixture starts nothing and steps aside.  Runners use that
@@ -28,11 +30,13 @@ afresh.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import cloudpickle
 import pytest
 
 from packmule import _config, _runner
@@ -265,5 +269,23 @@ def packmule_backend(request: pytest.FixtureRequest) -> Iterator[BackendFixture]
     secret) that every Runner of the test uses; killed at teardown.  With
     ``PACKMULE_BACKEND`` naming another backend, that one (see the module)."""
     options = _Options(request.node.get_closest_marker("packmule"))
-    with backend_for_test(options.workers, options.delay_scale) as fixture:
+    with backend_for_test(options.workers, options.delay_scale) as fixture, _by_value(request):
         yield fixture
+
+
+@contextlib.contextmanager
+def _by_value(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Runners (and all else) defined in the test's module travel by value while
+    the test runs: workers need not import the test module (and with it pytest,
+    a tenth of a second per worker), nor be able to."""
+    module = getattr(request, "module", None)
+    name = getattr(module, "__name__", "__main__")
+    registered: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+    if name == "__main__" or name in registered:  # (by value already)
+        yield
+        return
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        yield
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)

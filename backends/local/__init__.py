@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Client
 from typing import Any
 
-import filelock
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import receive, send
 
@@ -52,6 +51,8 @@ def _lock(lock_dir: str, name: str, timeout: float | None) -> contextlib.Abstrac
 
 @contextlib.contextmanager
 def _filelock(path: str, name: str, timeout: float | None) -> Iterator[None]:
+    import filelock  # (here: only jobs that lock pay for its import)
+
     lock = filelock.FileLock(path, timeout=-1 if timeout is None else timeout, thread_local=False)
     try:
         lock.acquire()
