@@ -14,6 +14,9 @@ PACKMULE_INSECURE      beanstalk: ``1`` to run without a secret on private serve
 PACKMULE_STATE_TTL     seconds a run's state is kept in the store (default 7 days)
 PACKMULE_MAX_PAYLOAD   bytes: the largest pickled argument list, runner or return value
                        packmule carries, on every backend alike (default 32 MiB)
+PACKMULE_DELAY_SCALE   a factor on the delays packmule picks itself: retry backoff, a
+                       continuation's re-check of its inputs, a wait's poll interval
+                       (default 1; ``packmule.testing`` sets 0.001 so tests never wait)
 =====================  ==========================================================
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from importlib.metadata import entry_points
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ DEFAULT_BACKEND = "local"
 DEFAULT_STATE_TTL = 7 * 24 * 3600.0  # memcached caps relative expiry at 30 days
 ENTRY_POINT_GROUP = "packmule.backends"
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024  # bytes: fits a default memcached (64 MB) with room to spare
+DELAY_SCALE_VAR = "PACKMULE_DELAY_SCALE"
 
 _cache: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
 _cache_lock = threading.Lock()
@@ -59,8 +63,52 @@ def max_payload(env: Mapping[str, str] | None = None) -> int:
     return int(raw)
 
 
+def delay_scale(env: Mapping[str, str] | None = None) -> float:
+    """``PACKMULE_DELAY_SCALE``: the factor on retry backoff and poll delays (1
+    unless set; ``packmule.testing`` sets it for its workers and the test)."""
+    env = os.environ if env is None else env
+    raw = env.get(DELAY_SCALE_VAR, "")
+    try:
+        scale = float(raw) if raw else 1.0
+    except ValueError:
+        scale = -1.0
+    if not 0 <= scale <= 1:
+        raise ValueError(f"{DELAY_SCALE_VAR}={raw!r}: give a factor from 0 to 1 (1: delays as documented)")
+    return scale
+
+
+@dataclass
+class Scope:
+    """What ``packmule.testing`` sets while a test runs: the backend that a
+    Runner given no backend (or this backend's name) uses, or None to choose as
+    usual; and the runs this process queued jobs into from outside any job, as
+    (name, generation) pairs in the order they started."""
+
+    backend: Backend | None
+    runs: dict[tuple[str, str], None] = field(default_factory=dict)
+
+
+_scope: Scope | None = None
+
+
+def set_scope(scope: Scope | None) -> Scope | None:
+    """Make ``scope`` the process's current one (None: none); returns the one it replaces."""
+    global _scope
+    previous, _scope = _scope, scope
+    return previous
+
+
+def note_run(name: str, gen: str) -> None:
+    """Called by every outside enqueue: the current scope, if any, remembers the run."""
+    scope = _scope
+    if scope is not None:
+        scope.runs.setdefault((name, gen))
+
+
 def backend_class(name: str) -> type[Backend]:
     """The backend class registered under ``name`` in the entry point group."""
+    from importlib.metadata import entry_points  # (here: its import costs every worker process 20 ms)
+
     found = entry_points(group=ENTRY_POINT_GROUP, name=name)
     for ep in found:
         cls: type[Backend] = ep.load()
@@ -74,11 +122,15 @@ def backend_class(name: str) -> type[Backend]:
 
 def get_backend(spec: object = None) -> Backend:
     """The backend for ``spec``: a Backend object (returned as is), a name, or
-    None for ``PACKMULE_BACKEND``.  One instance per name and settings per process."""
+    None for ``PACKMULE_BACKEND``.  One instance per name and settings per process;
+    while a test of ``packmule.testing`` runs, the test's backend for None and its name."""
     from packmule.backends.base import Backend
 
     if isinstance(spec, Backend):
         return spec
+    scoped = _scope.backend if _scope is not None else None
+    if scoped is not None and spec in (None, scoped.name):
+        return scoped
     if spec is not None and not isinstance(spec, str):
         raise TypeError(f"backend= takes a Backend or a backend name, not {type(spec).__name__}")
     env = dict(os.environ)

@@ -22,7 +22,6 @@ import contextvars
 import logging
 import pickle
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from packmule._codec import Forged, Signer, dumps
 from packmule._errors import BackendUnavailable
 from packmule._spill import gather, gather_one, spill_bodies, spill_values
 from packmule._state import GONE, blob_key, job_id, prefix, records, rejected_key, value_key
+from packmule._tracebacks import traceback_text
 from packmule._types import JobRef
 from packmule._watchdog import Watchdog
 from packmule._wire import Task, decode, encode
@@ -109,7 +109,7 @@ def failure_info(task: Task, method: str, args: Any, exc: BaseException) -> dict
         "args": _short_repr(args),
         "exc_type": type(exc).__name__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": traceback_text(exc),
     }
 
 
@@ -221,6 +221,7 @@ class Engine:
         self._runners: dict[str, RunnerMaker] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
         self.max_payload = _config.max_payload()
+        self.delay_scale = _config.delay_scale()  # (PACKMULE_DELAY_SCALE) on retry backoff and POLL_DELAY
 
     # --- decoding ------------------------------------------------------------
     def decode(self, items: Sequence[Reserved]) -> list[Bundle]:
@@ -657,7 +658,7 @@ class Engine:
             limit = o.spec.max_retries if o.spec else o.task.max_retries
             if attempt <= limit:
                 base = o.spec.retry_delay if o.spec else o.task.retry_delay
-                delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF)
+                delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF) * self.delay_scale
                 log.warning("job %s raised %s: %s; retry %d of %d in %.1fs", info["job"], info["exc_type"],
                             info["message"], attempt, limit, delay)
                 o.kind, o.record = "retry", (delay,)
@@ -691,7 +692,8 @@ class Engine:
                 elif o.kind in ("done", "ack"):
                     acks.append(handle)
                 else:
-                    delay = o.record[0] if o.kind == "retry" and o.record else POLL_DELAY if o.kind == "poll" else 0.0
+                    poll = POLL_DELAY * self.delay_scale
+                    delay = o.record[0] if o.kind == "retry" and o.record else poll if o.kind == "poll" else 0.0
                     releases.append((handle, delay))
                 continue
             later += [o.task for o in group if o.kind == "handback"]

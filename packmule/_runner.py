@@ -207,6 +207,7 @@ class Runner:
             raise RunStateLost(f"run {self.name!r}: its state vanished from the store while jobs were "
                                "being queued (store restarted or run forgotten); nothing was queued")
         self._pm_gen = gen
+        _config.note_run(self.name, gen)  # (packmule.testing's join watches the runs a test queued)
         first_free = last - span
         base = -(-first_free // BUNDLE) * BUNDLE if span > 1 else first_free
         signer = signer_for(backend)
@@ -555,6 +556,7 @@ class _Waiter:
         self.start = self.last_check = self.last_said = time.monotonic()
         self.started_at = time.time()  # (wall clock: workers on other machines stamp their notes with it)
         self.delay = POLL_MIN
+        self.poll_max = max(POLL_MIN, POLL_MAX * _config.delay_scale())  # (PACKMULE_DELAY_SCALE)
         self.idle_since: float | None = None
         self.empty_since: float | None = None
         self.outage_since: float | None = None
@@ -592,7 +594,7 @@ class _Waiter:
             self.last_said = now
             log.info("run %r: still waiting for %s (%s)", name, self.what, status)
         time.sleep(self.delay)
-        self.delay = min(self.delay * 2, POLL_MAX)
+        self.delay = min(self.delay * 2, self.poll_max)
 
     def _recount(self, gen: str) -> bool:
         """Recount the run (``Runner._recount``); whether it fixed anything.  The

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Client
 from typing import Any
 
-import filelock
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import receive, send
 
@@ -41,6 +40,7 @@ log = logging.getLogger("packmule")
 
 ADDRESS_VAR, SECRET_VAR = "PACKMULE_LOCAL_ADDRESS", "PACKMULE_LOCAL_SECRET"
 RESTART_PAUSE = 1.0  # s between restarts of a worker that keeps dying at start
+STOP_GRACE = 5.0  # s close() gives workers to finish their batch before it kills them
 MAX_UNANSWERED = 64  # requests a client posts before it reads their answers
 
 
@@ -51,6 +51,8 @@ def _lock(lock_dir: str, name: str, timeout: float | None) -> contextlib.Abstrac
 
 @contextlib.contextmanager
 def _filelock(path: str, name: str, timeout: float | None) -> Iterator[None]:
+    import filelock  # (here: only jobs that lock pay for its import)
+
     lock = filelock.FileLock(path, timeout=-1 if timeout is None else timeout, thread_local=False)
     try:
         lock.acquire()
@@ -88,6 +90,7 @@ class LocalBackend(Backend):
         self._closing = threading.Event()
         self._started = False
         self._start_lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
         self._coordinator = self._start_coordinator()
         self._client = LocalClient(self.address, self._secret)
         self.queue, self.store = self._client.queue, self._client.store
@@ -139,7 +142,8 @@ class LocalBackend(Backend):
         with self._start_lock:
             if not self._started:
                 self._procs = [self._spawn() for _ in range(self.workers)]
-                threading.Thread(target=self._supervise, daemon=True, name="packmule-supervise").start()
+                self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="packmule-supervise")
+                self._supervisor.start()
                 self._started = True
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -168,19 +172,27 @@ class LocalBackend(Backend):
         """PIDs of the worker processes this backend started (for tests and tools)."""
         return [p.pid for p in self._procs if p.poll() is None]
 
-    def close(self) -> None:
+    def close(self, grace: float = STOP_GRACE) -> None:
+        """Stop the processes this backend started (by PID, no others): the
+        workers get SIGTERM and ``grace`` seconds to finish their batch, then
+        SIGKILL; then the coordinator.  ``grace=0`` kills them all at once
+        (``packmule.testing``: what a test left running is of no use)."""
         if self._closing.is_set() or self.pid != os.getpid():
             return
         self._closing.set()
+        if self._supervisor is not None:
+            self._supervisor.join(RESTART_PAUSE + 1)  # it replaces no worker from now on
         for proc in self._procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
+                proc.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        deadline = time.monotonic() + grace
         for proc in self._procs:
             _wait_or_kill(proc, deadline)
         # the coordinator last: draining workers commit through it
         self._client.close()
         assert self._coordinator.stdin is not None
+        if grace <= 0:
+            self._coordinator.kill()
         with contextlib.suppress(OSError):
             self._coordinator.stdin.close()  # its signal to end
         _wait_or_kill(self._coordinator, deadline)
