@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import packmule
@@ -50,9 +51,17 @@ class Faulty(packmule.Runner):
             os.kill(os.getpid(), signal.SIGKILL)
         return "second life"
 
-    def fan(self, width: int, path: str) -> Any:
-        jobs = [self.enqueue("dies_after_commit_write" if i == 1 else "fine", i, path) for i in range(width)]
+    def fan(self, width: int, path: str, point: str = "after_add") -> Any:
+        """``width`` inputs of a continuation; the second one's worker dies in
+        its commit.  With a width of 1, its count always completes the continuation's."""
+        dies = min(1, width - 1)  # the second, or the only one
+        jobs = [self.enqueue("noted", i, path + ".ok") for i in range(width) if i != dies]
+        jobs.insert(dies, self.enqueue("dies_in_commit", dies, path, point, path + ".ok", width - 1))
         return self.deferred_result("total", jobs)
+
+    def noted(self, x: int, path: str) -> int:
+        note(path, str(x))
+        return x
 
     def total(self, values: list[Any]) -> int:
         return sum(values)
@@ -68,10 +77,16 @@ class Faulty(packmule.Runner):
             _engine.FAULTS["after_counts"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return sum(values)
 
-    def dies_after_commit_write(self, x: int, path: str) -> int:
-        """Returns, then has its worker killed between the commit's first store
-        write (the value) and its second (the counts), once."""
+    def dies_in_commit(self, x: int, path: str, point: str, others: str, count: int) -> int:
+        """Returns, then has its worker killed once in the commit: ``after_add``
+        between its first store write (the value) and the counts; ``after_counts``
+        after the counts, before the queue puts (so the continuation its count
+        completed is never queued: it arrives last, once ``count`` others ran)."""
         if not lines(path):
             note(path, str(os.getpid()))
-            _engine.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while len(lines(others)) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # (their commits)
+            _engine.FAULTS[point] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x

@@ -117,17 +117,20 @@ def test_a_single_kill_still_runs_the_job_again(backend, tmp_path):
     assert len(lines(path)) == 1
 
 
-def test_a_worker_killed_between_the_two_commit_writes_leaves_a_run_that_completes(backend, tmp_path):
+@pytest.mark.parametrize("point, width", [("after_add", 5), ("after_counts", 1)])
+def test_a_worker_killed_between_the_two_commit_writes_leaves_a_run_that_completes(backend, tmp_path, point,
+                                                                                   width):
     # Given a fan-in whose second input's worker dies after it stored the
-    # input's value but before it counted it (and told the continuation)
+    # input's value but before it counted it (and told the continuation), or
+    # after it counted it but before it queued the continuation it completed
     runner = Faulty(backend=backend)
     path = str(tmp_path / "killed")
-    runner.enqueue("fan", 5, str(path))
+    runner.enqueue("fan", width, str(path), point)
     # Then the run still completes, with exact counts and the right value
     progress = runner.wait(timeout=WAIT)
     assert len(lines(path)) == 1
-    assert (progress.done, progress.total, progress.failed) == (6, 6, 0)
-    assert runner.get_return_value() == 0 + 1 + 2 + 3 + 4
+    assert (progress.done, progress.total, progress.failed) == (width + 1, width + 1, 0)
+    assert runner.get_return_value() == sum(range(width))
 
 
 def test_a_run_counted_complete_has_its_value_even_if_the_worker_dies_right_after(backend, tmp_path):

@@ -108,12 +108,15 @@ def delete(store: Store, keys: Sequence[str]) -> None:
         store.delete_many(part)
 
 
-def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: float,
+def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: float, quiet: bool = False,
             settle: float = SETTLE) -> str | None:
     """Recount a stalled run from its value records (the caller holds the
     run's repair lock): fix ``total``/``done``/``failed``, apply a finished
     continuation's hand-offs, and queue each continuation whose inputs are all
-    there.  Returns what it fixed, or None if there was nothing to fix."""
+    there.  ``quiet``: nothing at all is queued or running, so a continuation
+    that is not complete is not queued either (its put was lost with a queue
+    server, or with the worker that counted its last input): queue it too.
+    Returns what it fixed, or None if there was nothing to fix."""
     from packmule._engine import Spec  # (the engine imports this module's users)
 
     store = backend.store
@@ -173,7 +176,7 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
     # continuations whose own inputs all arrived but that were never queued
     arrived: dict[str, tuple[int, Spec, str]] = {}  # n: key -> (inputs arrived, spec, path)
     for path, spec in specs.items():
-        if path in records or spec.counted == 0:
+        if path in records or (spec.counted == 0 and not quiet):
             continue
         parent = path.rpartition(".")[0]
         own = {i.rpartition("/")[2] for i in spec.inputs
@@ -186,9 +189,12 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
             if count > current:
                 deltas[key] = count - current
     results = store.incr_many(deltas) if deltas else {}
+    # queued by whoever's increment completes the count; when all is quiet, any
+    # whose count is complete (a polled one, counted 0, checks its inputs itself)
     ready = [Task(name, gen, path, None, (), {}, spec.digest, spec.ttr, spec.max_retries, spec.retry_delay,
                   spec.record, ())
-             for key, (_, spec, path) in arrived.items() if key in deltas and results.get(key) == spec.counted]
+             for key, (count, spec, path) in arrived.items()
+             if (results.get(key) == spec.counted if key in deltas else quiet and count >= spec.counted)]
     if ready:
         from packmule._spill import spill_bodies
 

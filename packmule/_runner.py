@@ -477,12 +477,14 @@ class Runner:
         self._pm_gen = None
         self._pm_progress = None
 
-    def _recount(self, gen: str) -> str | None:
+    def _recount(self, gen: str, quiet: bool = False) -> str | None:
         """Recount a stalled run from its value records (``packmule._census``),
-        one process at a time; what was fixed, or None."""
+        one process at a time; what was fixed, or None.  ``quiet``: nothing is
+        queued or running anywhere."""
         state = self._state()
         with self.backend.lock(f"pm-recount:{self.name}", RECOUNT_LOCK_TIMEOUT):
-            return _census.recount(self.backend, state.signer, self.name, gen, prefix(self.name, gen), state.ttl)
+            return _census.recount(self.backend, state.signer, self.name, gen, prefix(self.name, gen), state.ttl,
+                                   quiet)
 
 
 class _ValueReader:
@@ -596,11 +598,11 @@ class _Waiter:
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.poll_max)
 
-    def _recount(self, gen: str) -> bool:
+    def _recount(self, gen: str, quiet: bool) -> bool:
         """Recount the run (``Runner._recount``); whether it fixed anything.  The
         next recount without progress waits twice as long."""
         try:
-            fixed = self.runner._recount(gen) is not None
+            fixed = self.runner._recount(gen, quiet) is not None
         except (TimeoutError, BackendUnavailable) as exc:  # the lock: another process recounts, or is gone
             log.warning("run %r: no recount now: %s", self.runner.name, exc)
             fixed = False
@@ -642,7 +644,7 @@ class _Waiter:
                 quiet or now - self.moved_at >= self.recount_after):
             # no progress for a while (or nothing at all queued or running): a
             # worker may have died between two store writes; recount the run
-            if self._recount(gen):
+            if self._recount(gen, quiet):
                 return
             if quiet:  # nothing anywhere in the queue, nothing to recount: it will never complete
                 raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
