@@ -3,7 +3,9 @@
 A harness yields a :class:`Harness`; the suite reaches the backend only through
 ``harness.backend`` (the interface) and packmule's public API.  A third party
 adds theirs with ``register('name', factory)`` in a ``conftest.py``, then runs
-``pytest --pyargs packmule.conformance --backends name``.
+``pytest --pyargs packmule.conformance --backends name``.  Its ``bare``
+gives a backend of the same kind that no worker serves: the backend-level
+tests (``test_backend_contract.py``) need it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class Harness:
     env: dict[str, str] = field(default_factory=dict)  # what another process needs to reach the backend
     pids: Callable[[], list[int]] = list  # processes that run jobs now
     extras: dict[str, Any] = field(default_factory=dict)  # what a backend's own tests need (servers...)
+    # A backend of the same kind that NO worker serves (its own queue; the same or
+    # a separate store and lock space), for the backend-level contract tests
+    # (test_backend_contract.py), which talk to its queue directly and must
+    # neither take the workers' jobs nor have theirs taken.  The Harness it
+    # yields has ``env`` set so that another process reaches that backend.
+    bare: Callable[[], contextlib.AbstractContextManager[Harness]] | None = None
 
     def worker_pids(self) -> list[int]:
         return self.pids()
@@ -49,7 +57,28 @@ def local_harness() -> Iterator[Harness]:
     backend.ensure_workers()
     env = {"PACKMULE_BACKEND": "local", ADDRESS_VAR: backend.address, SECRET_VAR: backend.secret().hex()}
     try:
-        yield Harness(backend, env, backend.worker_pids)
+        yield Harness(backend, env, backend.worker_pids, bare=local_bare)
+    finally:
+        backend.close()
+
+
+@contextlib.contextmanager
+def local_bare() -> Iterator[Harness]:
+    """A second local backend: its own coordinator (queue, store, lock dir), its
+    workers never started.  Building it exports its address to ``os.environ``;
+    the harness backend's is put back, so runners keep finding theirs."""
+    from packmule.backends.local import ADDRESS_VAR, SECRET_VAR, LocalBackend
+
+    saved = {var: os.environ.get(var) for var in (ADDRESS_VAR, SECRET_VAR)}
+    backend = LocalBackend(workers=1)
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    env = {"PACKMULE_BACKEND": "local", ADDRESS_VAR: backend.address, SECRET_VAR: backend.secret().hex()}
+    try:
+        yield Harness(backend, env)
     finally:
         backend.close()
 
@@ -87,6 +116,7 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
         worker = start_worker(harness, concurrency, *worker_args) if concurrency else None
         harness.pids = lambda: job_processes([worker.pid]) if worker else []
         harness.extras["worker"] = worker
+        harness.bare = lambda: beanstalk_bare(harness)
         try:
             yield harness
         finally:
@@ -97,6 +127,21 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
 
 
 register("beanstalk", beanstalk_harness)
+
+
+@contextlib.contextmanager
+def beanstalk_bare(harness: Harness) -> Iterator[Harness]:
+    """The harness's servers, on a tube of its own that no worker watches."""
+    import secrets
+
+    from packmule.backends.beanstalk import BeanstalkBackend
+
+    env = dict(harness.env, PACKMULE_TUBE=f"bare-{secrets.token_hex(4)}")
+    backend = BeanstalkBackend.from_env(env)
+    try:
+        yield Harness(backend, env)
+    finally:
+        backend.close()
 
 
 def start_worker(harness: Harness, concurrency: int, *args: str) -> subprocess.Popen[bytes]:
