@@ -47,3 +47,14 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
 @pytest.fixture
 def backend(harness: Harness):  # type: ignore[no-untyped-def]
     return harness.backend
+
+
+@pytest.fixture
+def bare(harness: Harness) -> Iterator[Harness]:
+    """A backend of the harness's kind that no worker serves, and the ``env``
+    another process needs to reach it (``Harness.bare``)."""
+    if harness.bare is None:
+        pytest.fail(f"the harness of backend {harness.backend.name!r} gives no `bare` backend: the backend-level "
+                    "contract tests need one that no worker serves (see Harness.bare in conformance/harness.py)")
+    with harness.bare() as h:
+        yield h

@@ -5,7 +5,9 @@ A harness yields a :class:`Harness`; the suite reaches the backend only through
 finds a backend's harness: one registered here, else one a package declares
 under the ``packmule.conformance_harnesses`` entry point group (``NAME =
 "module:factory"``, a factory like those below), else :func:`default_harness`
-for a backend that starts its own workers.
+for a backend that starts its own workers.  A harness's ``bare`` gives a backend of
+the same kind that no worker serves: the backend-level tests
+(``test_backend_contract.py``) need it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class Harness:
     env: dict[str, str] = field(default_factory=dict)  # what another process needs to reach the backend
     pids: Callable[[], list[int]] = list  # processes that run jobs now
     extras: dict[str, Any] = field(default_factory=dict)  # what a backend's own tests need (servers...)
+    # A backend of the same kind that NO worker serves (its own queue; the same or
+    # a separate store and lock space), for the backend-level contract tests
+    # (test_backend_contract.py), which talk to its queue directly and must
+    # neither take the workers' jobs nor have theirs taken.  The Harness it
+    # yields has ``env`` set so that another process reaches that backend.
+    bare: Callable[[], contextlib.AbstractContextManager[Harness]] | None = None
 
     def worker_pids(self) -> list[int]:
         return self.pids()
@@ -79,13 +87,43 @@ def default_harness(name: str) -> Iterator[Harness]:
     process builds it, with ``ensure_workers()`` called, and closed afterwards.
     Jobs run in the processes under this one: the backend's ``worker_pids()`` if
     it has one, else every process below this one."""
-    backend = backend_class(name).from_env(os.environ)
+    cls = backend_class(name)
+    backend = cls.from_env(os.environ)
     try:
         backend.ensure_workers()
         env = {k: v for k, v in os.environ.items() if k.startswith("PACKMULE_") and k not in SUITE_VARS}
         env["PACKMULE_BACKEND"] = name
         pids = getattr(backend, "worker_pids", None)
-        yield Harness(backend, env, pids if callable(pids) else lambda: job_processes([os.getpid()]))
+        yield Harness(backend, env, pids if callable(pids) else lambda: job_processes([os.getpid()]),
+                      bare=functools.partial(default_bare, cls, name))
+    finally:
+        backend.close()
+
+
+@contextlib.contextmanager
+def default_bare(cls: type[Backend], name: str) -> Iterator[Harness]:
+    """A second instance of a backend that starts its own workers, made with
+    ``cls()``, its workers never started.  What building it exports to
+    ``os.environ`` is what another process needs to reach it; the harness
+    backend's settings are put back.  A backend that cannot be built without
+    arguments declares a harness with a ``bare`` instead."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PACKMULE_")}
+    try:
+        backend = cls()
+    except TypeError as exc:
+        raise LookupError(
+            f"the backend-level tests need a second {name!r} backend that no worker serves, and "
+            f"{cls.__qualname__}() cannot be built without arguments ({exc}): declare a harness with a `bare` "
+            f"factory under the {HARNESS_GROUP!r} entry point group (see packmule.conformance.harness)") from exc
+    exported = {k: v for k, v in os.environ.items() if k.startswith("PACKMULE_") and saved.get(k) != v}
+    for k in exported:
+        if k in saved:
+            os.environ[k] = saved[k]
+        else:
+            del os.environ[k]
+    env = {**{k: v for k, v in saved.items() if k not in SUITE_VARS}, **exported, "PACKMULE_BACKEND": name}
+    try:
+        yield Harness(backend, env)
     finally:
         backend.close()
 
@@ -98,7 +136,28 @@ def local_harness() -> Iterator[Harness]:
     backend.ensure_workers()
     env = {"PACKMULE_BACKEND": "local", ADDRESS_VAR: backend.address, SECRET_VAR: backend.secret().hex()}
     try:
-        yield Harness(backend, env, backend.worker_pids)
+        yield Harness(backend, env, backend.worker_pids, bare=local_bare)
+    finally:
+        backend.close()
+
+
+@contextlib.contextmanager
+def local_bare() -> Iterator[Harness]:
+    """A second local backend: its own coordinator (queue, store, lock dir), its
+    workers never started.  Building it exports its address to ``os.environ``;
+    the harness backend's is put back, so runners keep finding theirs."""
+    from packmule.backends.local import ADDRESS_VAR, SECRET_VAR, LocalBackend
+
+    saved = {var: os.environ.get(var) for var in (ADDRESS_VAR, SECRET_VAR)}
+    backend = LocalBackend(workers=1)
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    env = {"PACKMULE_BACKEND": "local", ADDRESS_VAR: backend.address, SECRET_VAR: backend.secret().hex()}
+    try:
+        yield Harness(backend, env)
     finally:
         backend.close()
 
@@ -136,6 +195,7 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
         worker = start_worker(harness, concurrency, *worker_args) if concurrency else None
         harness.pids = lambda: job_processes([worker.pid]) if worker else []
         harness.extras["worker"] = worker
+        harness.bare = lambda: beanstalk_bare(harness)
         try:
             yield harness
         finally:
@@ -146,6 +206,21 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
 
 
 register("beanstalk", beanstalk_harness)
+
+
+@contextlib.contextmanager
+def beanstalk_bare(harness: Harness) -> Iterator[Harness]:
+    """The harness's servers, on a tube of its own that no worker watches."""
+    import secrets
+
+    from packmule.backends.beanstalk import BeanstalkBackend
+
+    env = dict(harness.env, PACKMULE_TUBE=f"bare-{secrets.token_hex(4)}")
+    backend = BeanstalkBackend.from_env(env)
+    try:
+        yield Harness(backend, env)
+    finally:
+        backend.close()
 
 
 def start_worker(harness: Harness, concurrency: int, *args: str) -> subprocess.Popen[bytes]:

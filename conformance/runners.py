@@ -10,6 +10,8 @@ from typing import Any
 
 import packmule
 
+WAIT_LIMIT = 15.0  # s a blocking deferred_result of the suite waits: a broken backend fails, not hangs
+
 
 def note(path: str, text: str) -> None:
     """Append a line to a file: how tests see what jobs did, from any process."""
@@ -28,6 +30,7 @@ def lines(path: str) -> list[str]:
 class SleepyRunner(packmule.Runner):
     """The seed's example, with naps of 0 or 0.02 s."""
 
+    wait_timeout = WAIT_LIMIT
     record_return_values = True
 
     def run_async(self, nap_count: int = 100) -> packmule.JobRef:
@@ -48,6 +51,7 @@ class SleepyRunner(packmule.Runner):
 class Tree(packmule.Runner):
     """Fan-outs nested two levels deep: values come back in order."""
 
+    wait_timeout = WAIT_LIMIT
     record_return_values = True
 
     def root(self, width: int) -> Any:
@@ -78,10 +82,15 @@ class Tree(packmule.Runner):
     def return_child(self) -> packmule.JobRef:
         return self.enqueue("ident", "child value")
 
+    def fan_of(self, values: list[Any]) -> Any:
+        """A continuation over one child per value: its values in the list's order."""
+        return self.deferred_result("collect", self.enqueue_each("ident", values))
+
 
 class Flaky(packmule.Runner):
     """Jobs that fail: a number of times, or always."""
 
+    wait_timeout = WAIT_LIMIT
     record_return_values = True
     retry_delay = 0.0
 
@@ -111,6 +120,7 @@ class Flaky(packmule.Runner):
 class Worky(packmule.Runner):
     """Jobs that leave traces in files: which process ran them, how often."""
 
+    wait_timeout = WAIT_LIMIT
     record_return_values = True
 
     def pid_then_sleep(self, path: str, seconds: float, value: Any = None) -> Any:
@@ -125,6 +135,25 @@ class Worky(packmule.Runner):
     def pid_then_sleep_item(self, i: int, path: str, seconds: float) -> int:
         note(path, str(os.getpid()))
         time.sleep(seconds)
+        return i
+
+    def stamp_then_sleep(self, i: int, path: str, seconds: float) -> int:
+        note(path, repr(time.monotonic()))  # one clock for every process of this machine
+        time.sleep(seconds)
+        return i
+
+    def enqueue_then_slow_once(self, path: str, width: int, seconds: float) -> Any:
+        """Enqueue ``width`` children; the first execution then sleeps ``seconds``
+        (past time_to_run, so the job runs again), later ones return at once."""
+        first = not lines(path)
+        note(path, "start")
+        jobs = self.enqueue_each("item", range(width))
+        if first:
+            time.sleep(seconds)
+        note(path, "end")
+        return self.deferred_result("total", jobs)
+
+    def item(self, i: int) -> int:
         return i
 
     def total(self, values: list[int]) -> int:
@@ -163,6 +192,7 @@ _HOARD: list[bytes] = []  # memory a job keeps in its worker process
 
 
 class Hog(packmule.Runner):
+    wait_timeout = WAIT_LIMIT
     record_return_values = True
 
     def hog(self, mib: int) -> int:
@@ -182,5 +212,7 @@ class Unpicklable:
 
 
 class Plain(packmule.Runner):
+    wait_timeout = WAIT_LIMIT
+
     def work(self, x: Any = None) -> Any:
         return x

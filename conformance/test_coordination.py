@@ -11,9 +11,9 @@ from packmule.backends.base import Put
 
 import packmule
 
-from .runners import Plain, Unpicklable, Worky, lines
+from .runners import Flaky, Plain, Unpicklable, Worky, lines
 
-WAIT = 60
+WAIT = 15  # s: far beyond what each wait needs; a broken backend fails the test through it
 
 
 def test_lock_gives_mutual_exclusion_across_workers(backend, tmp_path):
@@ -72,6 +72,83 @@ def test_forget_lets_the_name_start_afresh(backend):
     again = Plain(runner.name, backend=backend)
     again.enqueue("work", 2)
     assert again.wait(timeout=WAIT) == "1.0 / 1.0"
+
+
+def test_no_job_of_a_run_starts_after_cancel_returns(backend, tmp_path):
+    # Given a run of 12 jobs of 0.25 s, started
+    runner = Worky(backend=backend)
+    path = str(tmp_path / "starts")
+    count, seconds = 12, 0.25
+    runner.enqueue_each("stamp_then_sleep", range(count), path, seconds)
+    deadline = time.monotonic() + WAIT
+    while not lines(path):
+        assert time.monotonic() < deadline, "no job started"
+        time.sleep(0.01)
+    # When it is cancelled
+    runner.cancel()
+    cancelled = time.monotonic()
+    # Then, once the whole run would have ended, no job had started after cancel() returned
+    time.sleep(count * seconds + 0.5)
+    late = [float(t) - cancelled for t in lines(path) if float(t) > cancelled]
+    assert not late, f"{len(late)} of {count} jobs started after cancel() returned (after {late} s)"
+    with pytest.raises(packmule.Cancelled):
+        runner.wait(timeout=WAIT)
+
+
+def prefix(name: str, gen: str) -> str:
+    """The head of a generation's keys (packmule/_state.py)."""
+    return f"pm:{name}:{gen}:"
+
+
+RUN_COUNTERS = ("total", "done", "failed", "seq", "root", "cancel")
+JOB_KEYS = ("v", "cm", "n", "spec", "try")  # per job path (packmule/_state.py)
+
+
+def _generation_keys(name: str, gen: str, width: int = 6, depth: int = 3) -> list[str]:
+    """Every key of run ``name``'s generation ``gen`` that the engine's key
+    layout (packmule/_state.py) can name, for root jobs 0..width-1 and jobs up
+    to ``depth`` levels below them, each with up to ``width`` children."""
+    p = prefix(name, gen)
+    keys = [f"pm:{name}", f"pm:{name}:next:{gen}", *(p + k for k in RUN_COUNTERS)]
+    level = [str(i) for i in range(width)]
+    paths = list(level)
+    for _ in range(depth):
+        level = [f"{up}.{i}" for up in level for i in range(width)]
+        paths += level
+    keys += [f"{p}{kind}:{path}" for path in paths for kind in JOB_KEYS]
+    keys += [f"{p}f:{k}" for k in range(50)]
+    return keys
+
+
+def _kind(key: str, name: str, gen: str) -> str:
+    return key[len(prefix(name, gen)):].split(":")[0] if key.startswith(prefix(name, gen)) else key
+
+
+def _run_with_every_kind_of_key(backend) -> tuple[packmule.Runner, str, str]:  # type: ignore[no-untyped-def]
+    """A finished run with values, commits, continuations, a retry, failures and a cancel flag."""
+    runner = Flaky(backend=backend, max_retries=1)
+    ref = runner.enqueue("grandparent")
+    runner.wait(timeout=WAIT)
+    runner.cancel()
+    name, gen, _ = ref.parts
+    return runner, name, gen
+
+
+def test_forget_removes_the_runs_pointer_and_counters(backend):
+    runner, name, gen = _run_with_every_kind_of_key(backend)
+    keys = [f"pm:{name}", *(prefix(name, gen) + k for k in RUN_COUNTERS)]
+    assert set(backend.store.get_many(keys)) == set(keys)
+    runner.forget()
+    assert sorted(backend.store.get_many(keys)) == []
+
+
+def test_forget_leaves_no_key_of_the_old_generation(backend):
+    runner, name, gen = _run_with_every_kind_of_key(backend)
+    keys = _generation_keys(name, gen)
+    kinds = {_kind(k, name, gen) for k in backend.store.get_many(keys)}
+    assert {*RUN_COUNTERS, *JOB_KEYS, "f", f"pm:{name}"} <= kinds, "the keys named here miss some the engine made"
+    runner.forget()
+    assert sorted(backend.store.get_many(keys)) == []
 
 
 @pytest.mark.parametrize("name", ["", "has space", "slash/not", "x" * 201, "ünicode", "new\nline"])

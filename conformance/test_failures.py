@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 import packmule
@@ -14,7 +15,8 @@ import packmule
 from .harness import Harness
 from .runners import Flaky, Worky, lines
 
-WAIT = 60
+WAIT = 15  # s: far beyond what each wait needs; a broken backend fails the test through it
+RERUN = 8  # s for a job past its time_to_run (1 s) to run again elsewhere
 
 
 def test_a_job_that_raises_is_retried_then_succeeds(backend, tmp_path):
@@ -79,6 +81,24 @@ def test_a_job_that_runs_twice_counts_once(harness: Harness, tmp_path):
     assert runner.get_return_value(ref) == "value"
 
 
+def test_a_job_that_enqueued_and_runs_again_past_time_to_run_counts_its_children_once(harness: Harness, tmp_path):
+    # Given a job that enqueues 5 children, then outlives its time_to_run the first time it runs
+    runner = Worky(backend=harness.backend, time_to_run=1)
+    path = str(tmp_path / "runs")
+    ref = runner.enqueue("enqueue_then_slow_once", path, 5, 2.5)
+    # When it runs again elsewhere, and both executions commit
+    assert runner.wait(timeout=WAIT) == "6.0 / 6.0"
+    deadline = time.monotonic() + WAIT
+    while lines(path).count("end") < 2:
+        assert time.monotonic() < deadline, f"the job did not run twice to its end: {lines(path)}"
+        time.sleep(0.05)
+    time.sleep(1.0)  # the slow execution's commit
+    # Then the run counts the job and its children once each
+    progress = runner.update_progress()
+    assert (progress.done, progress.total, progress.failed) == (6, 6, 0)
+    assert runner.get_return_value(ref) == sum(range(5))
+
+
 def test_touch_keeps_a_long_job_from_running_again(backend, tmp_path):
     runner = Worky(backend=backend, time_to_run=1)
     path = str(tmp_path / "runs")
@@ -118,15 +138,19 @@ def test_a_stopped_worker_past_time_to_run_loses_its_job_to_another_and_counts_o
         time.sleep(0.01)
     victim = int(lines(path)[0])
     assert victim in harness.worker_pids()
-    # When its process is stopped past time_to_run, then resumed
+    # When its process is stopped past time_to_run (nothing in it can hand the job back)
     os.kill(victim, signal.SIGSTOP)
-    time.sleep(2.0)
-    os.kill(victim, signal.SIGCONT)
-    # Then the job runs again in another process, and counts once
-    while len(lines(path)) < 2:
-        assert time.monotonic() < deadline, "the job did not run again elsewhere"
-        time.sleep(0.05)
-    assert int(lines(path)[1]) != victim
+    try:
+        # Then the job runs again in another process while the first is still stopped
+        deadline = time.monotonic() + RERUN
+        while len(lines(path)) < 2:
+            assert time.monotonic() < deadline, "the job of a stopped worker did not run again elsewhere"
+            time.sleep(0.05)
+        assert psutil.Process(victim).status() == psutil.STATUS_STOPPED
+        assert int(lines(path)[1]) != victim
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    # and, once the first resumes and both finish, it counts once
     assert runner.wait(timeout=WAIT) == "1.0 / 1.0"
     time.sleep(3.5)  # both executions finish and commit
     assert runner.update_progress() == "1.0 / 1.0"

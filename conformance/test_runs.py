@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import packmule
 from .harness import Harness, environ_for
 from .runners import Flaky, Plain, SleepyRunner, Tree, lines
 
-WAIT = 60  # s: generous; a test that hangs fails with TimeoutError instead
+WAIT = 15  # s: far beyond what each wait needs; a broken backend fails the test through it
 
 
 def test_seed_example_runs_synchronously(backend):
@@ -82,6 +83,24 @@ def test_nested_fan_out_two_levels_deep_returns_values_in_order(backend):
     progress = runner.wait(timeout=WAIT)
     assert progress == "21.0 / 21.0"  # root + 4 branches + 16 leaves; continuations add nothing
     assert runner.get_return_value() == [[f"{i}.{j}" for j in range(4)] for i in range(4)]
+
+
+UNSORTED = random.Random(7).sample(range(1000), 60)
+
+
+def test_a_continuation_inside_a_job_gets_its_values_in_the_order_of_its_list(backend):
+    assert sorted(UNSORTED) != UNSORTED
+    runner = Tree(backend=backend)
+    ref = runner.enqueue("fan_of", UNSORTED)
+    runner.wait(timeout=WAIT)
+    assert runner.get_return_value(ref) == UNSORTED
+
+
+def test_deferred_result_outside_a_job_gets_its_values_in_the_order_of_its_list(backend):
+    runner = Tree(backend=backend)
+    assert runner.deferred_result("collect", runner.enqueue_each("ident", UNSORTED)) == UNSORTED
+    jobs = [runner.enqueue("ident", v) for v in UNSORTED[:10]]
+    assert runner.deferred_result("collect", jobs[::-1]) == UNSORTED[:10][::-1]
 
 
 def test_deferred_result_of_an_empty_list_calls_the_method_with_nothing(backend):

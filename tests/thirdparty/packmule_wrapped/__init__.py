@@ -19,8 +19,8 @@ from packmule.backends.local import LocalBackend
 class WrappedBackend(Backend):
     name = "wrapped"
 
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+    def __init__(self, inner: Backend | None = None) -> None:
+        self.inner = inner if inner is not None else LocalBackend(workers=2)
         self.queue, self.store = inner.queue, inner.store
 
     @classmethod
