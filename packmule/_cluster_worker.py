@@ -14,10 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import mmap
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -25,11 +29,14 @@ import psutil
 
 from packmule import _config
 from packmule._errors import BackendUnavailable
+from packmule._watchdog import Watchdog
 from packmule._worker import serve
 
 log = logging.getLogger("packmule.worker")
 
 CHECK_EVERY = 0.5  # s between the parent's looks at its children
+STOPPED_GRACE = 1.0  # s past its jobs' deadline before a stopped worker process is ended
+DEADLINE_VAR = "PACKMULE_WORKER_DEADLINE_FILE"  # (parent to child: where the child publishes its deadline)
 RESTART_PAUSE = 2.0  # s before restarting a child that died within this long of starting
 MAX_BACKOFF = 30.0  # s: the longest wait before retrying unreachable servers
 
@@ -52,6 +59,10 @@ def child_main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the running batch, then exit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C means
+    deadline_file = os.environ.pop(DEADLINE_VAR, "")
+    if deadline_file:
+        Watchdog.report = DeadlineBoard(deadline_file).write
+        os.unlink(deadline_file)  # (mapped here and in the parent: nothing to clean up)
     backend = _config.get_backend()
     ran, delay = 0, 0.5
     while not stop.is_set():
@@ -68,12 +79,34 @@ def child_main(argv: list[str]) -> int:
     return 0
 
 
+class DeadlineBoard:
+    """Eight bytes in a file, mapped into memory by a worker process and its
+    supervisor: the wall-clock time by which the worker must have handed back
+    the jobs it holds (0: none).  Writing it costs no system call."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "r+b") as f:
+            self.map = mmap.mmap(f.fileno(), 8)
+
+    def write(self, deadline: float) -> None:
+        struct.pack_into("d", self.map, 0, deadline)
+
+    def read(self) -> float:
+        value: float = struct.unpack_from("d", self.map, 0)[0]
+        return value
+
+    def close(self) -> None:
+        self.map.close()
+
+
 # --- the parent: a supervisor ----------------------------------------------------
 class Supervisor:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.children: list[subprocess.Popen[bytes]] = []
         self.started: dict[int, float] = {}
+        self.boards: dict[int, DeadlineBoard] = {}  # pid -> its deadline
+        self.dir = tempfile.mkdtemp(prefix="packmule-worker-")
         self.draining = False
         self.interrupts = 0
 
@@ -82,10 +115,31 @@ class Supervisor:
                "--max-jobs", str(self.a.max_jobs_per_child or 0)]
         for module in self.a.imports:
             cmd += ["--import", module]
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.getcwd())
+        fd, path = tempfile.mkstemp(dir=self.dir)
+        os.write(fd, bytes(8))
+        os.close(fd)
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.getcwd(), env={**os.environ, DEADLINE_VAR: path})
+        self.boards[child.pid] = DeadlineBoard(path)  # (the child removes the file once it has mapped it)
         self.started[child.pid] = time.monotonic()
         log.info("started worker process %d", child.pid)
         return child
+
+    def end_stopped(self, child: subprocess.Popen[bytes]) -> None:
+        """A worker process stopped (SIGSTOP, a debugger) past the deadline of the
+        jobs it holds is ended, so that its connections' end frees them at once
+        (beanstalkd 1.12 may never time them out while it is silent)."""
+        board = self.boards.get(child.pid)
+        deadline = board.read() if board is not None else 0.0
+        if not deadline or time.time() < deadline + STOPPED_GRACE:
+            return
+        try:
+            stopped = psutil.Process(child.pid).status() == psutil.STATUS_STOPPED
+        except psutil.NoSuchProcess:
+            return
+        if stopped:
+            log.warning("worker process %d is stopped past its jobs' time_to_run: ending it, so that they go "
+                        "to another worker", child.pid)
+            child.kill()
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGINT:
@@ -104,6 +158,12 @@ class Supervisor:
                     child.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         self.children = [self.spawn() for _ in range(self.a.concurrency)]
@@ -128,7 +188,13 @@ class Supervisor:
         limit = self.a.max_memory_per_child * 1024 * 1024 if self.a.max_memory_per_child else 0
         for i, child in enumerate(self.children):
             code = child.poll()
+            if code is None:
+                self.end_stopped(child)
+                code = child.poll()
             if code is not None:
+                board = self.boards.pop(child.pid, None)
+                if board is not None:
+                    board.close()
                 lived = time.monotonic() - self.started.pop(child.pid, 0.0)
                 if code != 0:
                     log.warning("worker process %d exited with %s; starting another", child.pid, code)

@@ -10,6 +10,9 @@ thing first; the second release is ignored (a lapsed handle).
 
 A stopped process stops its watchdog too: its job then goes back when the
 queue times it out, or when the process is resumed, whichever comes first.
+beanstalkd 1.12 may not time it out at all, so a process may also publish its
+deadline (``Watchdog.report``): ``packmule worker`` ends a worker process that
+is stopped past it, and its connection's end frees its jobs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from packmule.backends.base import Queue
@@ -26,6 +30,9 @@ TICK = 0.25  # s between looks
 
 class Watchdog:
     current: Watchdog | None = None  # this worker process's, for Runner.touch
+    # Where this process publishes the wall-clock time by which it must have handed
+    # back what it holds (0: it holds nothing), for a supervisor to read.
+    report: Callable[[float], None] | None = None
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -36,6 +43,7 @@ class Watchdog:
     def hold(self, handle: Any, ttr: float) -> None:
         with self._lock:
             self._held[id(handle)] = (time.monotonic() + ttr, ttr, handle)
+            self._publish()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="packmule-ttr")
                 self._thread.start()
@@ -45,11 +53,19 @@ class Watchdog:
             held = self._held.get(id(handle))
             if held is not None:
                 self._held[id(handle)] = (time.monotonic() + held[1], held[1], handle)
+                self._publish()
 
     def settle(self) -> None:
         """The batch is being committed: stop watching its jobs."""
         with self._lock:
             self._held.clear()
+            self._publish()
+
+    def _publish(self) -> None:
+        """(Under the lock.)  Tell ``report`` the earliest deadline held, as wall-clock time."""
+        if Watchdog.report is not None:
+            soonest = min((deadline for deadline, _, _ in self._held.values()), default=None)
+            Watchdog.report(0.0 if soonest is None else time.time() + soonest - time.monotonic())
 
     def _run(self) -> None:
         while True:
