@@ -115,12 +115,12 @@ def default_bare(cls: type[Backend], name: str) -> Iterator[Harness]:
             f"the backend-level tests need a second {name!r} backend that no worker serves, and "
             f"{cls.__qualname__}() cannot be built without arguments ({exc}): declare a harness with a `bare` "
             f"factory under the {HARNESS_GROUP!r} entry point group (see packmule.conformance.harness)") from exc
-    exported = {k: v for k, v in os.environ.items() if k.startswith("PACKMULE_") and saved.get(k) != v}
-    for k in exported:
-        if k in saved:
-            os.environ[k] = saved[k]
-        else:
-            del os.environ[k]
+    finally:  # the harness backend's settings back, whatever building it did
+        exported = {k: v for k, v in os.environ.items() if k.startswith("PACKMULE_") and saved.get(k) != v}
+        for k in [k for k in os.environ if k.startswith("PACKMULE_")]:
+            if k not in saved:
+                del os.environ[k]
+        os.environ.update(saved)
     env = {**{k: v for k, v in saved.items() if k not in SUITE_VARS}, **exported, "PACKMULE_BACKEND": name}
     try:
         yield Harness(backend, env)

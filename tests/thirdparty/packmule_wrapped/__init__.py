@@ -21,7 +21,7 @@ class WrappedBackend(Backend):
 
     def __init__(self, inner: Backend | None = None) -> None:
         self.inner = inner if inner is not None else LocalBackend(workers=2)
-        self.queue, self.store = inner.queue, inner.store
+        self.queue, self.store = self.inner.queue, self.inner.store
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Backend:
