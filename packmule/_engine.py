@@ -113,6 +113,15 @@ def failure_info(task: Task, method: str, args: Any, exc: BaseException) -> dict
     }
 
 
+def packmule_failure(task: Task, spec: Spec | None, exc_type: str, message: str) -> tuple[str, dict[str, str]]:
+    """The failure record of a job that packmule failed (not its own exception):
+    it crashed its workers, or its value could not be stored or committed."""
+    method = task.method or (spec.method if spec else "(continuation)")
+    log.warning("job %s failed for good: %s", job_id(task.name, task.gen, task.path), message)
+    return ("err", {"job": job_id(task.name, task.gen, task.path), "method": method, "args": _short_repr(task.args),
+                    "exc_type": exc_type, "message": message, "traceback": ""})
+
+
 def _short_repr(args: Any) -> str:
     try:
         text = repr(args)
@@ -373,16 +382,13 @@ class Engine:
                 keep.append(bundle)
                 continue
             spec = specs.get(p + "spec:" + t.path)
-            method = t.method or (spec.method if spec else "(continuation)")
-            info = {"job": job_id(t.name, t.gen, t.path), "method": method, "args": _short_repr(t.args),
-                    "exc_type": "WorkerCrashed",
-                    "message": f"the job's worker process died {item.crashes} times while it ran it (a signal, "
-                               "os._exit, a crash in native code, or out of memory); it is set aside and will "
-                               "not run again. Run the method in a plain Python process to see why, or raise "
-                               "max_crashes on the runner class if the deaths were not its fault",
-                    "traceback": ""}
-            log.warning("job %s failed for good: %s", info["job"], info["message"])
-            outcomes.append(Outcome(item, t, p, "done", ("err", info), spec=spec))
+            record = packmule_failure(
+                t, spec, "WorkerCrashed",
+                f"the job's worker process died {item.crashes} times while it ran it (a signal, os._exit, a crash "
+                "in native code, or out of memory); it is set aside and will not run again. Run the method in a "
+                "plain Python process to see why, or raise max_crashes on the runner class if the deaths were "
+                "not its fault")
+            outcomes.append(Outcome(item, t, p, "done", record, spec=spec))
         return keep
 
     def _max_crashes(self, digest: str, got: dict[str, bytes]) -> int:
@@ -596,12 +602,9 @@ class Engine:
         log.warning("the commit of %d job(s) failed: %r; they fail for good", len(group), exc)
         for o in group:
             if o.kind in ("done", "raised", "retry"):
-                t = o.task
-                method = t.method or (o.spec.method if o.spec else "(continuation)")
                 o.kind, o.ctx, o.handoff, o.consumed = "done", None, None, []
-                o.record = ("err", {"job": job_id(t.name, t.gen, t.path), "method": method,
-                                    "args": _short_repr(t.args), "exc_type": type(exc).__name__,
-                                    "message": f"its result could not be committed: {exc}", "traceback": ""})
+                o.record = packmule_failure(o.task, o.spec, type(exc).__name__,
+                                            f"its result could not be committed: {exc}")
         try:
             self.commit(group)
         except BackendUnavailable:
@@ -621,26 +624,19 @@ class Engine:
             data = dumps(o.record)
         except Exception as exc:
             value = o.record[1] if o.record else None
-            o.record = self._unstorable(o, f"its return value ({type(value).__name__}) cannot be pickled: "
-                                           f"{type(exc).__name__}: {exc}; return values must be picklable "
-                                           "by cloudpickle (return plain data, not locks, sockets, files "
-                                           "or generators)")
+            o.record = packmule_failure(o.task, o.spec, "UnstorableValue",
+                                        f"its return value ({type(value).__name__}) cannot be pickled: "
+                                        f"{type(exc).__name__}: {exc}; return values must be picklable by "
+                                        "cloudpickle (return plain data, not locks, sockets, files or generators)")
             return dumps(o.record)
         limit = self.max_payload
         if len(data) > limit:
-            o.record = self._unstorable(o, f"its return value is {len(data):,} bytes pickled, over packmule's "
-                                           f"limit of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); return a "
-                                           "smaller value, e.g. the path or key of data kept elsewhere")
+            o.record = packmule_failure(o.task, o.spec, "UnstorableValue",
+                                        f"its return value is {len(data):,} bytes pickled, over packmule's limit "
+                                        f"of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); return a smaller value, e.g. "
+                                        "the path or key of data kept elsewhere")
             return dumps(o.record)
         return data
-
-    @staticmethod
-    def _unstorable(o: Outcome, message: str) -> tuple[str, dict[str, str]]:
-        t = o.task
-        method = t.method or (o.spec.method if o.spec else "(continuation)")
-        log.warning("job %s failed for good: %s", job_id(t.name, t.gen, t.path), message)
-        return ("err", {"job": job_id(t.name, t.gen, t.path), "method": method, "args": _short_repr(t.args),
-                        "exc_type": "UnstorableValue", "message": message, "traceback": ""})
 
     def _settle_raised(self, outcomes: list[Outcome]) -> None:
         """Count the failed attempt of each job that raised: retry it (with
