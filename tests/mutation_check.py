@@ -72,7 +72,7 @@ _NON_ATOMIC_INCR_OLD = '''        with self.cond:
                 if value is None:
                     out[key] = None
                     continue
-                out[key] = self.values[key] = int(value) + delta  # its expiry stays
+                out[key] = self.values[key] = max(0, int(value) + delta)  # its expiry stays
 '''
 _NON_ATOMIC_INCR_NEW = '''        for key, delta in deltas.items():
             with self.cond:
@@ -105,9 +105,9 @@ DEFECTS = [
            "        args, kwargs = spec.call\n",
            "        values = sorted(values)\n        args, kwargs = spec.call\n"),
     Defect("deferred_result values sorted (outside a job)", "packmule/_runner.py",
-           "        if not self.record_return_values:\n            store.set_many(dict.fromkeys([*keys",
+           "        if not self.record_return_values:\n            store.set_many(dict.fromkeys([*reader.keys",
            "        values = sorted(values)\n"
-           "        if not self.record_return_values:\n            store.set_many(dict.fromkeys([*keys"),
+           "        if not self.record_return_values:\n            store.set_many(dict.fromkeys([*reader.keys"),
     Defect("workers ignore cancel()", "packmule/_engine.py",
            'if p + "cancel" in got or (len(tasks) == 1', "if (len(tasks) == 1"),
     Defect("forget() leaves the old generation's counters", "packmule/_census.py",
