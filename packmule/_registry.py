@@ -42,7 +42,8 @@ BEAT = 2.0  # s between a worker's beats
 BEAT_TTL = 3 * BEAT  # a worker that stops beating leaves the registry after this long
 POOL_VAR = "PACKMULE_WORKER_POOL"  # (spawner to worker: how many processes its pool has)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, float("inf"))
-STAT_KEYS = ("done", "failed", "retried", "dur_us", "dur_n", *(f"dur:{i}" for i in range(len(BUCKETS))))
+DUR_KEYS = tuple(f"dur:{i}" for i in range(len(BUCKETS)))
+STAT_KEYS = ("done", "failed", "retried", "dur_us", "dur_n", *DUR_KEYS)
 RATE_WINDOW = 30.0  # s of samples a Watcher's rate is taken over
 
 
@@ -78,7 +79,7 @@ class Stats:
 
     def ran(self, seconds: float) -> None:
         t = self.totals
-        t[f"dur:{bisect.bisect_left(BUCKETS, seconds)}"] += 1
+        t[DUR_KEYS[bisect.bisect_left(BUCKETS, seconds)]] += 1
         t["dur_us"] += int(seconds * 1e6)
         t["dur_n"] += 1
         self.jobs_run += 1
