@@ -233,7 +233,9 @@ class Watcher:
     def __init__(self, backend: Backend | None = None) -> None:
         from packmule import _config
 
-        self.backend = backend if backend is not None else _config.get_backend()
+        # (a connection of its own: a web server's threads must not wait behind, or
+        # take the posted failures of, the driver's own calls in the same process)
+        self.backend = (backend if backend is not None else _config.get_backend()).for_thread()
         self.store = self.backend.store
         self._samples: OrderedDict[tuple[str, str], list[tuple[float, int]]] = OrderedDict()
         self._lock = threading.Lock()

@@ -132,6 +132,9 @@ class LocalBackend(Backend):
     def secret(self) -> bytes:
         return self._secret
 
+    def for_thread(self) -> Backend:
+        return self._client.for_thread()
+
     def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         return _lock(self._dir, name, timeout)
 
