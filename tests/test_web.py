@@ -33,7 +33,7 @@ import packmule.web  # noqa: E402
 from conformance.harness import Harness, beanstalk_harness, local_harness  # noqa: E402
 from conformance.runners import Flaky  # noqa: E402
 from conformance.servers import free_port  # noqa: E402
-from packmule._registry import Watcher  # noqa: E402
+from packmule._registry import BEAT, Watcher  # noqa: E402
 from packmule.examples.sleepy import SleepyRunner  # noqa: E402
 
 WAIT = 60.0  # s: the longest any run or poll here may take before the test fails
@@ -179,13 +179,27 @@ def test_event_stream_sends_changes_and_ends_with_the_complete_count(harness, da
     assert dones == sorted(dones) and len(set(dones)) == len(dones), f"not one event per change: {dones}"
 
 
+def settled_done_total(client: httpx.Client) -> float:
+    """packmule_jobs_done_total once a whole beat has passed without it changing (what
+    earlier tests' jobs add is published by the workers' beats, a little later)."""
+    deadline = time.monotonic() + METRICS_WAIT
+    last = done_total(client)
+    while True:
+        time.sleep(BEAT + 0.5)
+        now = done_total(client)
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"packmule_jobs_done_total kept changing: {last} -> {now}"
+        last = now
+
+
 def test_metrics_parse_and_done_total_rises_by_exactly_the_jobs_of_a_run(harness, dashboard):
-    before = done_total(dashboard)
+    before = settled_done_total(dashboard)
     runner = sleepy(harness, naps=20, nap_seconds=0.0)
     jobs = runner.wait(timeout=WAIT).total
     # the workers publish their counts every beat: poll until the whole run is counted
     until("packmule_jobs_done_total to rise", lambda: done_total(dashboard) >= before + jobs, METRICS_WAIT)
-    time.sleep(2.5)  # one more beat: a count published twice would show now
+    time.sleep(BEAT + 0.5)  # one more beat: a count published twice would show now
     assert done_total(dashboard) == before + jobs
 
 
