@@ -109,7 +109,7 @@ function updateRun(tr, run) {
 }
 const refresh = every(1000, async () => {
   const runs = await getJSON('/api/runs?name=' + encodeURIComponent(filter.value));
-  syncRows(tbody, runs || [], run => run.name, makeRun, updateRun);
+  syncRows(tbody, runs || [], run => run.name + '/' + run.generation, makeRun, updateRun);
 });
 let typing = null;
 filter.addEventListener('input', () => {
