@@ -100,6 +100,11 @@ class Queue(abc.ABC):
     def stats(self) -> QueueStats:
         """Counts across all servers of this queue."""
 
+    def stats_by_server(self) -> dict[str, QueueStats]:
+        """Counts per server (``server_for``'s names).  Optional: this default
+        reports ``stats()`` under the one name ``server_for`` gives."""
+        return {self.server_for(""): self.stats()}
+
 
 class Store(abc.ABC):
     """A shared key-value store.  Keys are ``str`` of at most 250 bytes once
@@ -173,6 +178,12 @@ class Backend(abc.ABC):
         Raises ``TimeoutError`` if not acquired within ``timeout`` seconds
         (``None``: wait forever) and ``BackendUnavailable`` if the lock service
         cannot be reached."""
+
+    def for_thread(self) -> Backend:
+        """The backend for another thread of this process to use while this one
+        is busy in a call (a worker's beat).  Optional: this default returns the
+        backend itself, for a backend whose calls are thread-safe and fair."""
+        return self
 
     def ensure_workers(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make sure something serves the queue, if this backend starts workers itself."""

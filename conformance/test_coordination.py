@@ -100,7 +100,7 @@ def prefix(name: str, gen: str) -> str:
     return f"pm:{name}:{gen}:"
 
 
-RUN_COUNTERS = ("total", "done", "failed", "seq", "root", "cancel")
+RUN_COUNTERS = ("total", "done", "failed", "seq", "root", "cancel", "t")
 JOB_KEYS = ("v", "cm", "n", "spec", "try")  # per job path (packmule/_state.py)
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger("packmule")
 READ = 1000  # keys a bulk read or delete carries
 SETTLE = 2.0  # s between reading a run's values and its counters, in a recount
 KINDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # the per-path keys of a run
-RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel")
+RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel", "t")
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:

@@ -29,6 +29,7 @@ import psutil
 
 from packmule import _config
 from packmule._errors import BackendUnavailable
+from packmule._registry import POOL_VAR
 from packmule._watchdog import Watchdog
 from packmule._worker import serve
 
@@ -118,7 +119,8 @@ class Supervisor:
         fd, path = tempfile.mkstemp(dir=self.dir)
         os.write(fd, bytes(8))
         os.close(fd)
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.getcwd(), env={**os.environ, DEADLINE_VAR: path})
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.getcwd(), env={**os.environ, DEADLINE_VAR: path,
+                                                                                 POOL_VAR: str(self.a.concurrency)})
         self.boards[child.pid] = DeadlineBoard(path)  # (the child removes the file once it has mapped it)
         self.started[child.pid] = time.monotonic()
         log.info("started worker process %d", child.pid)

@@ -32,6 +32,7 @@ import cloudpickle
 from packmule import _config
 from packmule._codec import Forged, Signer, dumps
 from packmule._errors import BackendUnavailable
+from packmule._registry import STATS
 from packmule._spill import gather, gather_one, spill_bodies, spill_values
 from packmule._state import GONE, blob_key, job_id, prefix, records, rejected_key, value_key
 from packmule._tracebacks import traceback_text
@@ -324,7 +325,9 @@ class Engine:
                     outcomes.extend(Outcome(i, tt, pp, "handback") for i, pp, rest in bundles[b + 1:] for tt in rest)
                     break
                 if t.method is not None:
+                    STATS.current, began = t, time.monotonic()
                     outcomes.append(self._call(item, t, p, t.method, got))
+                    STATS.ran(time.monotonic() - began)
                     ran += 1
                     continue
                 spec = specs.get(p + "spec:" + t.path)
@@ -333,11 +336,14 @@ class Engine:
                                 job_id(t.name, t.gen, t.path))
                     outcomes.append(Outcome(item, t, p, "bury"))
                     continue
+                STATS.current, began = t, time.monotonic()
                 outcomes.append(self._run_continuation(item, t, p, spec, recs, got, trail))
+                STATS.ran(time.monotonic() - began)
                 ran += 1
             else:
                 continue
             break  # handed back the rest of the batch
+        STATS.current = None
         took = (time.monotonic() - started) / max(ran, 1)
         for method in {tasks[0].method for _, _, tasks in bundles if tasks[0].method is not None}:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
@@ -476,6 +482,9 @@ class Engine:
         results = self.store.incr_many(counts.deltas) if counts.deltas else {}
         if FAULTS:
             _fault("after_counts")
+        for key, delta in counts.deltas.items():
+            if key.endswith((":done", ":failed")):  # (the totals a dashboard shows: jobs this worker completed)
+                STATS.counted(key.rpartition(":")[2], delta)
         later: list[Task] = []  # children and continuations to queue
         failures: dict[str, bytes] = {}  # f:<k> -> path of the k-th failed job of its run
         for key, value in results.items():
@@ -658,6 +667,7 @@ class Engine:
                 log.warning("job %s raised %s: %s; retry %d of %d in %.1fs", info["job"], info["exc_type"],
                             info["message"], attempt, limit, delay)
                 o.kind, o.record = "retry", (delay,)
+                STATS.counted("retried", 1)
             else:
                 log.warning("job %s failed for good after %d attempts: %s: %s", info["job"], attempt,
                             info["exc_type"], info["message"])

@@ -10,6 +10,7 @@ Keys (``P`` = ``pm:<name>:<gen>:``)::
     P gap:<path>         paths from <path> on, this many, that an outside enqueue left unused
     P root               path of the first job queued from outside any job
     P cancel             present once the run is cancelled
+    P t                  when the generation started (``packmule._registry`` keeps the list of runs)
     P v:<path>           the job's value record; its add is the job's completion
     P cm:<path>          the job's enqueues were committed (its add counts total once)
     P n:<path>           a continuation's arrived-inputs counter
@@ -33,6 +34,7 @@ from typing import Any
 
 from packmule._codec import Signer
 from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
+from packmule._registry import note_run
 from packmule._spill import gather
 from packmule._types import JobRef, Progress
 from packmule._wire import shard
@@ -114,6 +116,7 @@ class RunState:
             if gen is None:
                 fresh = self._create_gen()
                 if self.store.add_many({self.pointer: fresh.encode()}, self.ttl):
+                    note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
                     return fresh
                 continue
             progress = self.progress(gen, missing_ok=True)
@@ -121,6 +124,7 @@ class RunState:
                 fresh = self._create_gen()
                 successor = f"pm:{self.name}:next:{gen}"
                 if self.store.add_many({successor: fresh.encode()}, self.ttl):
+                    note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
                     self.store.set_many({self.pointer: fresh.encode()}, self.ttl)
                     return fresh
                 won: bytes | None = self.store.get_many([successor]).get(successor)

@@ -11,6 +11,7 @@ import time
 from packmule import _config
 from packmule._engine import Engine
 from packmule._errors import BackendUnavailable
+from packmule._registry import Beat
 from packmule.backends.base import Backend
 
 log = logging.getLogger("packmule")
@@ -25,6 +26,15 @@ def serve(backend: Backend, stop: threading.Event, max_jobs: int | None = None,
     """Serve the queue until ``stop`` is set (the running batch finishes first)
     or ``max_jobs`` jobs have run; returns how many ran."""
     engine = Engine(backend, _config.state_ttl())
+    beat = Beat(backend).start()  # (the dashboard's view of this process and its totals)
+    try:
+        return _serve(backend, engine, stop, max_jobs, reserve_timeout)
+    finally:
+        beat.stop()
+
+
+def _serve(backend: Backend, engine: Engine, stop: threading.Event, max_jobs: int | None,
+           reserve_timeout: float) -> int:
     batch, ran = 1, 0
     while not stop.is_set() and (max_jobs is None or ran < max_jobs):
         items = backend.queue.reserve_many(batch, reserve_timeout)

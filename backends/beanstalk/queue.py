@@ -440,19 +440,21 @@ class BeanstalkQueue(Queue):
         """Job counts summed over the servers.  ``workers`` is the most consumers
         any one server sees: every consumer watches the tube on every server it
         has reserved from, so a sum would count each of them once per server."""
-        ready = reserved = delayed = buried = workers = 0
-        for index in range(len(self._names)):
+        per = self.stats_by_server().values()
+        return QueueStats(*(sum(s[i] for s in per) for i in range(4)), max((s.workers for s in per), default=0))
+
+    def stats_by_server(self) -> dict[str, QueueStats]:
+        out = {}
+        for index, name in enumerate(self._names):
             with self._using(index) as conn:
                 try:
                     tube = conn.client.stats_tube(self.tube)
                 except greenstalk.NotFoundError:
-                    continue  # no one has used the tube yet: nothing in it
-            ready += tube["current-jobs-ready"]
-            reserved += tube["current-jobs-reserved"]
-            delayed += tube["current-jobs-delayed"]
-            buried += tube["current-jobs-buried"]
-            workers = max(workers, tube["current-watching"])
-        return QueueStats(ready, reserved, delayed, buried, workers)
+                    tube = None  # no one has used the tube yet: nothing in it
+            out[name] = QueueStats(0, 0, 0, 0, 0) if tube is None else QueueStats(
+                tube["current-jobs-ready"], tube["current-jobs-reserved"], tube["current-jobs-delayed"],
+                tube["current-jobs-buried"], tube["current-watching"])
+        return out
 
     def close(self) -> None:
         self._pool.close_all()

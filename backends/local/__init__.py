@@ -132,6 +132,9 @@ class LocalBackend(Backend):
     def secret(self) -> bytes:
         return self._secret
 
+    def for_thread(self) -> Backend:
+        return self._client.for_thread()
+
     def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         return _lock(self._dir, name, timeout)
 
@@ -147,7 +150,8 @@ class LocalBackend(Backend):
                 self._started = True
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path))
+        env = dict(os.environ, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
+                   PACKMULE_WORKER_POOL=str(self.workers))  # (for the dashboard)
         return subprocess.Popen([sys.executable, "-m", "packmule.backends.local.worker"], env=env,
                                 stdin=subprocess.DEVNULL)
 
@@ -319,6 +323,12 @@ class LocalClient(Backend):
 
     def secret(self) -> bytes:
         return self._secret
+
+    def for_thread(self) -> Backend:
+        """A connection of its own: a thread sharing this one could wait long for its
+        lock (held through each blocking reserve), and could be handed the failure
+        of a request another thread posted."""
+        return LocalClient(self.address, self._secret)
 
     def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         return _lock(os.path.dirname(self.address), name, timeout)
