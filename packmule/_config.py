@@ -17,6 +17,10 @@ PACKMULE_MAX_PAYLOAD   bytes: the largest pickled argument list, runner or retur
 PACKMULE_DELAY_SCALE   a factor on the delays packmule picks itself: retry backoff, a
                        continuation's re-check of its inputs, a wait's poll interval
                        (default 1; ``packmule.testing`` sets 0.001 so tests never wait)
+PACKMULE_DASHBOARD_TOKEN  the token every request to the dashboard (``packmule.web``) must
+                       carry; required to serve it on an address other than loopback
+PACKMULE_DASHBOARD_PORT   a driver process serves the dashboard on this loopback port from
+                       its first run on (the local backend's runs are visible only there)
 =====================  ==========================================================
 """
 
@@ -168,3 +172,20 @@ def split_servers(value: str, variable: str) -> list[tuple[str, int]]:
     if not servers:
         raise ValueError(f"{variable} is empty; give host:port[,host:port...]")
     return servers
+
+
+def dashboard_token(env: Mapping[str, str] | None = None) -> str | None:
+    """``PACKMULE_DASHBOARD_TOKEN``, or None when unset or empty."""
+    env = os.environ if env is None else env
+    return env.get("PACKMULE_DASHBOARD_TOKEN") or None
+
+
+def dashboard_port(env: Mapping[str, str] | None = None) -> int | None:
+    """``PACKMULE_DASHBOARD_PORT``: the port a driver serves the dashboard on, or None when unset."""
+    env = os.environ if env is None else env
+    raw = env.get("PACKMULE_DASHBOARD_PORT", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"PACKMULE_DASHBOARD_PORT={raw!r}: give a TCP port number from 1 to 65535")
+    return int(raw)

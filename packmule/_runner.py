@@ -16,7 +16,7 @@ from typing import Any
 
 import cloudpickle
 
-from packmule import _census, _config
+from packmule import _census, _config, _dashboard
 from packmule._codec import Signer, dumps
 from packmule._engine import JobContext, Spec, current
 from packmule._errors import (
@@ -190,6 +190,7 @@ class Runner:
         if not jobs:
             return []
         backend.ensure_workers()
+        _dashboard.serve_from_driver(backend)  # PACKMULE_DASHBOARD_PORT
         state = self._state()
         gen = self._pm_gen or state.start_or_join()
         p = prefix(self.name, gen)

@@ -3,6 +3,7 @@
     packmule worker [--concurrency N] [--import MODULE ...]   serve the queue on this machine
     packmule status NAME                                      a run's progress, failures and queue
     packmule progress NAME [--watch]                          a run's progress (a live bar with --watch)
+    packmule dashboard [--host H] [--port P] [--token T]      the web dashboard (needs packmule[web])
 
 The backend and its servers come from the PACKMULE_* variables (see README).
 """
@@ -10,10 +11,11 @@ The backend and its servers come from the PACKMULE_* variables (see README).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from packmule import _cluster_worker
+from packmule import _cluster_worker, _config
 from packmule._errors import PackMuleError
 from packmule._runner import Runner, signer_for
 from packmule._state import check_name, job_id, prefix, records
@@ -82,6 +84,38 @@ def progress(name: str, watch: bool) -> int:
     return 0
 
 
+LOCAL_DASHBOARD = (
+    "the local backend's runs live in the process tree of the program that started them, which this command "
+    "cannot see: serve the dashboard from that program instead - set PACKMULE_DASHBOARD_PORT=8765 in its "
+    "environment, or call packmule.web.serve(port=8765, background=True) in it (or run "
+    "`python -m packmule.examples.sleepy --dashboard`); `packmule dashboard` serves a cluster backend "
+    "(PACKMULE_BACKEND=beanstalk)")
+
+
+def dashboard(host: str, port: int, token: str | None) -> int:
+    token = token or _config.dashboard_token()
+    try:
+        from packmule.web._serve import check_exposure
+    except ImportError as exc:
+        print(f"packmule dashboard: {exc}", file=sys.stderr)
+        return 1
+    try:
+        check_exposure(host, token)
+    except ValueError as exc:
+        print(f"packmule dashboard: {exc}", file=sys.stderr)
+        return 2
+    backend = os.environ.get("PACKMULE_BACKEND") or _config.DEFAULT_BACKEND
+    if backend == "local" and not os.environ.get("PACKMULE_LOCAL_ADDRESS"):
+        print(f"packmule dashboard: {LOCAL_DASHBOARD}", file=sys.stderr)
+        return 2
+    import packmule.web
+
+    print(f"packmule dashboard: serving http://{host}:{port}/ for the {backend} backend (Ctrl-C stops it)",
+          file=sys.stderr, flush=True)
+    packmule.web.serve(host, port, token=token)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="packmule", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,10 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("progress", help="a run's progress")
     pr.add_argument("name")
     pr.add_argument("--watch", action="store_true", help="draw a live progress bar until the run is complete")
+    dash = sub.add_parser("dashboard", help="serve the web dashboard (needs packmule[web])")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                                                          "needs a token)")
+    dash.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    dash.add_argument("--token", default=None, help="the token every request must carry "
+                                                    "(default: PACKMULE_DASHBOARD_TOKEN)")
     a = ap.parse_args(argv)
     try:
         if a.command == "worker":
             return _cluster_worker.worker_main(a)
+        if a.command == "dashboard":
+            return dashboard(a.host, a.port, a.token)
         if a.command == "status":
             return status(a.name)
         return progress(a.name, a.watch)
