@@ -23,7 +23,7 @@ os.environ.setdefault("PACKMULE_WORKERS", "2")
 from packmule._config import get_backend  # noqa: E402
 from packmule._registry import Watcher  # noqa: E402
 from packmule.web import create_app  # noqa: E402
-from tests.browser import browser_missing, served, start_chromium  # noqa: E402
+from tests.browser import WINDOW, browser_missing, served, start_chromium  # noqa: E402
 from tests.web_runners import Gated  # noqa: E402
 
 WAIT = 120.0  # s the runs, or the page, may take
@@ -68,7 +68,9 @@ def main() -> None:
         wait_for(lambda: running.update_progress().done >= 120, "the running run to be under way")
         with served(create_app(Watcher(backend))) as url:
             browser = start_chromium()
-            try:
+            try:  # the page itself 1280x800, whatever the window's frame takes
+                size = {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False}
+                browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
                 browser.get(url + "/")
                 rows = 'table#runs tr.run[data-run="reindex-search"] .rate'
                 wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "table#runs tr.run")) >= 4
