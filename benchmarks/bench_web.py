@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -130,15 +132,20 @@ def page_times(url: str, requests: int) -> None:
 def memory_over_polls(url: str, pid: int, polls: int) -> None:
     import psutil
 
+    host, port = url.removeprefix("http://").split(":")
+    stream = http.client.HTTPConnection(host, int(port), timeout=None)
+    stream.request("GET", f"/api/runs/{LONG_RUN}/events")
+    reply = stream.getresponse()
+    assert reply.status == 200, f"the event stream of {LONG_RUN} answered {reply.status}"
     events = {"count": 0}
 
-    def stream() -> None:
-        with contextlib.suppress(Exception), urllib.request.urlopen(f"{url}/api/runs/{LONG_RUN}/events",
-                                                                   timeout=None) as reply:
+    def read_events() -> None:
+        with contextlib.suppress(Exception):
             for line in reply:
                 events["count"] += line.startswith(b"data:")
 
-    threading.Thread(target=stream, daemon=True).start()
+    reader = threading.Thread(target=read_events, daemon=True)
+    reader.start()
     rss = psutil.Process(pid).memory_info
     paths = ("/api/runs", "/metrics", "/api/workers")
     for _ in range(50):  # warm-up: imports, caches, first allocations
@@ -153,8 +160,13 @@ def memory_over_polls(url: str, pid: int, polls: int) -> None:
             samples.append(rss().rss)
     took = time.perf_counter() - began
     end_rss = rss().rss
+    open_at_end = reader.is_alive()
+    with contextlib.suppress(OSError):
+        stream.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    stream.close()
     mib = 1 << 20
-    print(f"  {polls} polls x {len(paths)} requests in {took:.0f} s, event stream open ({events['count']} events)")
+    print(f"  {polls} polls x {len(paths)} requests in {took:.0f} s, event stream "
+          f"{'still open' if open_at_end else 'CLOSED'} at the end ({events['count']} events)")
     print(f"  RSS start {start_rss / mib:.1f} MiB, end {end_rss / mib:.1f} MiB, growth "
           f"{(end_rss - start_rss) / mib:+.1f} MiB ({(end_rss - start_rss) / start_rss:+.1%})")
     print("  RSS every tenth: " + " ".join(f"{s / mib:.1f}" for s in samples))
