@@ -37,6 +37,7 @@ from packmule._registry import Watcher  # noqa: E402
 from packmule.examples.sleepy import SleepyRunner  # noqa: E402
 
 WAIT = 60.0  # s: the longest any run or poll here may take before the test fails
+STREAM_WAIT = 20.0  # s for the event stream of a 1 s run to end
 METRICS_WAIT = 10.0  # s for the workers' next beats to publish their counts
 PROGRESS = re.compile(r"\d+\.0 / \d+\.0\Z")
 TOKEN = "s3cret-token"
@@ -161,9 +162,11 @@ def test_api_progress_is_the_update_progress_string_during_and_after_a_run(harne
 def test_event_stream_sends_changes_and_ends_with_the_complete_count(harness, dashboard):
     runner = sleepy(harness, naps=30, nap_seconds=0.05)
     events = []
+    deadline = time.monotonic() + STREAM_WAIT
     with dashboard.stream("GET", f"/api/runs/{runner.name}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
-        for line in stream.iter_lines():  # (the client's timeout bounds each read)
+        for line in stream.iter_lines():  # (a quiet stream still sends a comment every 15 s)
+            assert time.monotonic() < deadline, f"the event stream did not end; its events: {events}"
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
     # the stream closed by itself after its last event
