@@ -252,6 +252,7 @@ def test_forget_removes_the_run(local):
 
 
 # --- the token ---------------------------------------------------------------------------------------------
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
 PROTECTED = ["/", "/runs/{name}", "/workers", "/queue", "/api/runs", "/api/runs/{name}",
              "/api/runs/{name}/events", "/api/workers", "/api/queue", "/metrics", "/static/progress.js"]
 
@@ -279,6 +280,23 @@ def test_token_in_the_query_once_sets_an_httponly_strict_cookie(local):
         assert client.get("/api/runs").status_code == 200  # the client sends the cookie back
         client.cookies.clear()
         assert client.get("/api/runs").status_code == 401
+
+
+def test_an_open_dashboard_answers_only_requests_for_a_loopback_name(local):
+    # A page of another site whose name resolves to 127.0.0.1 (DNS rebinding) sends
+    # its own name as Host: an open dashboard must not answer it, nor act for it.
+    runner = sleepy(local, naps=2, nap_seconds=0.0)
+    runner.wait(timeout=WAIT)
+    with served(local) as client:
+        for host in ("127.0.0.1", "localhost:8765", "[::1]:80"):
+            assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example"):
+            assert client.get("/api/runs", headers={"Host": host}).status_code == 403, host
+            forget = client.post(f"/api/runs/{runner.name}/forget", headers={**HEADERS, "Host": host})
+            assert forget.status_code == 403, host
+        assert client.get(f"/api/runs/{runner.name}").status_code == 200
+    with served(local, token=TOKEN) as client:  # with a token, any name may reach it
+        assert client.get("/api/runs", headers={"Host": "dashboard.example", **BEARER}).status_code == 200
 
 
 def test_serve_refuses_a_non_loopback_host_without_a_token():

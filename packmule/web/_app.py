@@ -192,7 +192,8 @@ async def _progress_js(request: Request) -> Response:
                     headers={"cache-control": "no-cache"})
 
 
-def create_app(watcher: Watcher | None = None, *, token: str | None = None, allow: Allow | None = None) -> Starlette:
+def create_app(watcher: Watcher | None = None, *, token: str | None = None, allow: Allow | None = None,
+               loopback_hosts_only: bool = False) -> Starlette:
     """The dashboard as a Starlette app, to serve or to mount under a prefix.
 
     ``watcher``: the ``packmule._registry.Watcher`` to read (None: one for the backend the
@@ -201,6 +202,8 @@ def create_app(watcher: Watcher | None = None, *, token: str | None = None, allo
     action in 'view', 'cancel', 'forget': whether this request may see the run (its row,
     page, failures, value, events) or act on it; runs it may not view answer 404, actions
     it may not take 403.  It is called once per run listed, in the event loop: keep it quick.
+    ``loopback_hosts_only``: answer only requests whose Host is a loopback name (what
+    ``serve`` sets when it runs open on loopback: a guard against DNS rebinding).
     """
     views = _Views(watcher, allow)
     routes = [
@@ -217,7 +220,8 @@ def create_app(watcher: Watcher | None = None, *, token: str | None = None, allo
         Route("/metrics", views.prometheus),
         Route("/static/progress.js", _progress_js),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token)])
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token,
+                                                          loopback_hosts_only=loopback_hosts_only)])
     app.state.packmule_views = views
     return app
 

@@ -5,6 +5,9 @@ through unbuffered).
   script) must carry it, as ``Authorization: Bearer T``, as the cookie
   ``packmule_token``, or once as ``?token=T`` (the answer then sets that cookie:
   HttpOnly, SameSite=Strict).  Otherwise 401.
+- Open (no token) on loopback, as ``serve`` runs it: the ``Host`` a request names
+  must be a loopback one too, else 403 - a page of another site whose name was
+  made to resolve to 127.0.0.1 (DNS rebinding) reads and acts as same-origin.
 - Unsafe methods (POST: cancel, forget) must carry ``X-PackMule: 1`` - a header a
   cross-site form cannot send and a cross-site script cannot send without a CORS
   preflight this app never grants - and, when the browser says where the request
@@ -14,6 +17,7 @@ through unbuffered).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from http.cookies import SimpleCookie
 from typing import Any
@@ -45,14 +49,19 @@ async def _refuse(send: Send, status: int, message: str, extra: tuple[tuple[byte
 class Guard:
     """Token and cross-site checks in front of ``app`` (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app, self.token = app, token
+    def __init__(self, app: ASGIApp, token: str | None, loopback_hosts_only: bool = False) -> None:
+        self.app, self.token, self.loopback_hosts_only = app, token, loopback_hosts_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        if self.loopback_hosts_only and not _loopback_host(headers.get("host", "")):
+            await _refuse(send, 403, f"Host {headers.get('host', '')!r} is not a loopback name: this dashboard "
+                                     "runs without a token, so it answers only requests for 127.0.0.1, ::1 or "
+                                     "localhost (serve it with a token to reach it by another name)")
+            return
         send_cookie = False
         if self.token is not None:
             scheme, _, bearer = headers.get("authorization", "").partition(" ")
@@ -98,3 +107,12 @@ class Guard:
         if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
             return f"cross-site request refused: Origin {origin!r} is not this host"
         return None
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header (``name[:port]``, ``[v6]:port``) names this machine's loopback."""
+    try:
+        name = urlsplit("//" + host).hostname or ""
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -60,7 +60,8 @@ def serve(host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None
     ``stop()``); port 0 picks a free one.  Otherwise serve until interrupted."""
     token = token or _config.dashboard_token()
     check_exposure(host, token)
-    config = uvicorn.Config(create_app(watcher, token=token), host=host, port=port, log_level="warning",
+    app = create_app(watcher, token=token, loopback_hosts_only=not token)  # (open: loopback names only)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     if not background:
