@@ -93,6 +93,7 @@ def test_forget_through_the_watcher_removes_the_run(backend):
     watcher.forget(runner.name)
     assert watcher.run(runner.name) is None
     assert Plain(runner.name, backend=backend).update_progress() == "0.0 / 0.0"
+    assert watcher.runs(name_filter=runner.name) == []  # (not listed as a lost run)
 
 
 def test_the_registry_keeps_the_last_runs_and_no_more(backend):

@@ -11,7 +11,8 @@ Keys::
     pm-reg:w:<id>        a worker's beat: JSON WorkerInfo, expiring 3 beats after it was written
     pm-stats:<figure>    totals from every worker: done, failed, retried, dur:<i> (jobs that
                          took at most BUCKETS[i] seconds), dur_us (sum), dur_n (count)
-    P t                  when the run's generation started (``P`` = the run's prefix)
+    P t                  "<time> <k>": when the run's generation started, and its number in the
+                         ring (``P`` = the run's prefix; ``forget`` removes its slot too)
 
 Cost: a run start adds one counter increment and two writes; a job adds a few
 in-process additions; each worker process writes its beat and its totals every
@@ -51,11 +52,24 @@ RATE_WINDOW = 30.0  # s of samples a Watcher's rate is taken over
 def note_run(store: Store, name: str, gen: str, prefix: str, ttl: float) -> None:
     """Register a run's new generation (called once, by the process whose start won)."""
     now = time.time()
-    store.set_many({prefix + "t": b"%.3f" % now}, ttl)
     k = _incr(store, "pm-reg:rseq")
+    store.set_many({prefix + "t": b"%.3f %d" % (now, k or 0)}, ttl)  # (forget finds the slot by k)
     if k is not None:
         entry = json.dumps({"k": k, "name": name, "gen": gen, "t": now}).encode()
         store.set_many({f"pm-reg:r:{k % RUN_SLOTS}": entry}, ttl)
+
+
+def slot_of(store: Store, name: str, gen: str, prefix: str) -> list[str]:
+    """The registry slot that lists this generation, if it still does (for ``forget``)."""
+    raw = store.get_many([prefix + "t"]).get(prefix + "t")
+    if raw is None or b" " not in raw:
+        return []
+    slot = f"pm-reg:r:{int(raw.split()[1]) % RUN_SLOTS}"
+    entry = store.get_many([slot]).get(slot)
+    if entry is None:
+        return []
+    listed = json.loads(entry)
+    return [slot] if (listed["name"], listed["gen"]) == (name, gen) else []
 
 
 def _incr(store: Store, key: str, delta: int = 1) -> int | None:
@@ -279,7 +293,7 @@ class Watcher:
         for name, gen, started in entries:
             p = f"pm:{name}:{gen}:"
             if started is None:
-                started = float(got.get(p + "t", b"0"))
+                started = float(got.get(p + "t", b"0").split()[0])
             counts = [got.get(p + f) for f in ("done", "total", "failed")]
             if None in counts:
                 out.append(RunInfo(name, gen, started, 0, 0, 0, "0.0 / 0.0", "lost", False, None, None))

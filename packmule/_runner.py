@@ -16,7 +16,7 @@ from typing import Any
 
 import cloudpickle
 
-from packmule import _census, _config, _dashboard
+from packmule import _census, _config, _dashboard, _registry
 from packmule._codec import Signer, dumps
 from packmule._engine import JobContext, Spec, current
 from packmule._errors import (
@@ -474,6 +474,7 @@ class Runner:
         keys = [f"pm:{self.name}"]
         if gen is not None:
             keys += _census.run_keys(store, self.name, gen, prefix(self.name, gen))
+            keys += _registry.slot_of(store, self.name, gen, prefix(self.name, gen))  # (off the dashboard too)
         _census.delete(store, keys)
         self._pm_gen = None
         self._pm_progress = None
