@@ -62,3 +62,27 @@ def test_a_job_failed_error_carries_the_remote_failure():
     err = packmule.JobFailed({"job": "r/g/1", "method": "snooze", "args": "(1,)", "exc_type": "KeyError",
                               "message": "'x'", "traceback": "Traceback ...\nKeyError: 'x'"})
     assert "snooze((1,))" in str(err) and "KeyError" in str(err) and "Traceback" in str(err)
+
+
+def test_a_process_that_joins_a_second_local_backend_reaches_that_one_not_the_first():
+    # A process that reached one local backend through the environment (a web app
+    # in a test, a job's own process) and then is pointed at another must reach
+    # the other, not keep a client of the first (which may have ended).
+    from packmule.backends.local import ADDRESS_VAR, SECRET_VAR, LocalBackend
+
+    def env_of(backend: LocalBackend) -> dict[str, str]:
+        return {"PACKMULE_BACKEND": "local", ADDRESS_VAR: backend.address, SECRET_VAR: backend.secret().hex()}
+
+    first = LocalBackend(workers=1)
+    try:
+        client = LocalBackend.from_env(env_of(first))
+        client.store.set_many({"which": b"first"}, 60)
+    finally:
+        first.close()
+    second = LocalBackend(workers=1)
+    try:
+        second.store.set_many({"which": b"second"}, 60)
+        again = LocalBackend.from_env(env_of(second))
+        assert again.store.get_many(["which"]) == {"which": b"second"}
+    finally:
+        second.close()

@@ -117,11 +117,13 @@ class LocalBackend(Backend):
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Backend:
         global _coordinator, _client
-        if _coordinator is not None and _coordinator.pid == os.getpid():
+        address = env.get(ADDRESS_VAR)
+        if _coordinator is not None and _coordinator.pid == os.getpid() and address in (None, _coordinator.address):
             return _coordinator
-        if env.get(ADDRESS_VAR) and env.get(SECRET_VAR):
-            if _client is None or _client.pid != os.getpid():
-                _client = LocalClient(env[ADDRESS_VAR], bytes.fromhex(env[SECRET_VAR]))
+        if address and env.get(SECRET_VAR):
+            # (a client of another coordinator - one that ended, say - is not this one's)
+            if _client is None or _client.pid != os.getpid() or _client.address != address:
+                _client = LocalClient(address, bytes.fromhex(env[SECRET_VAR]))
             return _client
         raw = env.get("PACKMULE_WORKERS", "")
         if raw and (not raw.isdigit() or int(raw) < 1):
