@@ -87,14 +87,28 @@ class Stats:
     def __init__(self) -> None:
         self.jobs_run = 0
         self.current: Any = None  # the task running now (a packmule._wire.Task)
+        # seconds each job took, appended by the engine (one append a job) and
+        # binned by ``tally`` (in the beat's thread: a job pays no more than that)
+        self.durations: list[float] = []
         self.totals: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._tally = threading.Lock()  # (the beat and, when no beat keeps up, the engine tally)
 
-    def ran(self, seconds: float) -> None:
-        t = self.totals
-        t[DUR_KEYS[bisect.bisect_left(BUCKETS, seconds)]] += 1
-        t["dur_us"] += int(seconds * 1e6)
-        t["dur_n"] += 1
-        self.jobs_run += 1
+    def tally(self) -> None:
+        """Move the durations appended so far into the totals.  (``len``, a slice and
+        ``del`` of a slice are each atomic: an append made meanwhile stays for the next.)"""
+        with self._tally:
+            d = self.durations
+            n = len(d)
+            if not n:
+                return
+            taken = d[:n]
+            del d[:n]
+            t = self.totals
+            for seconds in taken:
+                t[DUR_KEYS[bisect.bisect_left(BUCKETS, seconds)]] += 1
+            t["dur_us"] += int(sum(taken) * 1e6)
+            t["dur_n"] += n
+            self.jobs_run += n
 
     def counted(self, key: str, delta: int) -> None:
         self.totals[key] += delta
@@ -169,6 +183,7 @@ class Beat:
         self._publish_totals()
 
     def _publish_totals(self) -> None:
+        self.stats.tally()
         now = dict(self.stats.totals)
         deltas = {f"pm-stats:{k}": v - self.sent[k] for k, v in now.items() if v != self.sent[k]}
         if not deltas:
