@@ -7,7 +7,7 @@ Keys::
     pm-reg:rseq          counter: runs registered so far
     pm-reg:r:<k % 1024>  the k-th run: JSON {k, name, gen, t}; the ring keeps the last 1024
     pm-reg:wseq          counter: worker processes registered so far
-    pm-reg:ws:<k % 256>  the id of the k-th worker (a live worker takes a new slot if its is reused)
+    pm-reg:ws:<k % 1024> the id of the k-th worker (a live worker takes a new slot if its is reused)
     pm-reg:w:<id>        a worker's beat: JSON WorkerInfo, expiring 3 beats after it was written
     pm-stats:<figure>    totals from every worker: done, failed, retried, dur:<i> (jobs that
                          took at most BUCKETS[i] seconds), dur_us (sum), dur_n (count)
@@ -38,7 +38,7 @@ from packmule.backends.base import Backend, QueueStats, Store
 
 ENABLED = os.environ.get("PACKMULE_REGISTRY", "1") != "0"
 RUN_SLOTS = 1024
-WORKER_SLOTS = 256
+WORKER_SLOTS = 1024  # worker processes the dashboard lists at once (more share slots and flicker)
 BEAT = 2.0  # s between a worker's beats
 BEAT_TTL = 3 * BEAT  # a worker that stops beating leaves the registry after this long
 POOL_VAR = "PACKMULE_WORKER_POOL"  # (spawner to worker: how many processes its pool has)
