@@ -12,7 +12,9 @@ so that the machine's other load falls on all of them alike:
                 a job still adds its duration and counts in-process)
   registry on   today's code as shipped
 
-Medians and best rounds, with their ratios to the baseline, are printed; no assertion on speed.
+Medians and best rounds of jobs per second, and the worker processes' CPU time
+per job (steadier than wall time on a shared machine), with their ratios to the
+baseline, are printed; no assertion on speed.
 """
 
 from __future__ import annotations
@@ -30,21 +32,32 @@ LAYOUT = {"packmule": "packmule", "backends": "packmule/backends"}  # the instal
 
 ROUND = """
 import sys, time
+import psutil
 import packmule
 
 class Noop(packmule.Runner):
     def noop(self, x):
         return x
 
+def cpu(pids):
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
 jobs = int(sys.argv[1])
 runner = Noop()
 runner.enqueue("noop", -1)
 runner.wait(timeout=60)  # (workers up and warm)
+pids = runner.backend.worker_pids()
 runner = Noop()
+before = cpu(pids)
 start = time.perf_counter()
 runner.enqueue_each("noop", range(jobs))
 runner.wait(timeout=600)
-print(jobs / (time.perf_counter() - start))
+took = time.perf_counter() - start
+print(jobs / took, (cpu(pids) - before) / jobs * 1e6)
 """
 
 
@@ -65,12 +78,14 @@ def stage(commit: str | None, into: str) -> str:
     return site
 
 
-def one_round(site: str, jobs: int, registry: str) -> float:
+def one_round(site: str, jobs: int, registry: str) -> tuple[float, float]:
+    """Jobs per second, and CPU microseconds the worker processes spent per job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACKMULE_")}
     env.update(PYTHONPATH=site, PACKMULE_WORKERS="2", PACKMULE_REGISTRY=registry)
     out = subprocess.run([sys.executable, "-c", ROUND, str(jobs)], env=env, cwd=site, check=True,
                          capture_output=True, text=True, timeout=900).stdout
-    return float(out.split()[-1])
+    rate, cpu = out.split()[-2:]
+    return float(rate), float(cpu)
 
 
 def main() -> None:
@@ -85,10 +100,14 @@ def main() -> None:
                  "today": stage(None, os.path.join(tmp, "now"))}
         contenders = {"baseline": ("baseline", "1"), "registry off": ("today", "0"), "registry on": ("today", "1")}
         rates: dict[str, list[float]] = {name: [] for name in contenders}
+        cpus: dict[str, list[float]] = {name: [] for name in contenders}
         for r in range(a.repeat):
             for name, (site, registry) in contenders.items():
-                rates[name].append(one_round(sites[site], a.jobs, registry))
-            print(f"round {r + 1}: " + ", ".join(f"{name} {rates[name][-1]:.0f}/s" for name in contenders), flush=True)
+                rate, cpu = one_round(sites[site], a.jobs, registry)
+                rates[name].append(rate)
+                cpus[name].append(cpu)
+            print(f"round {r + 1}: " + ", ".join(f"{name} {rates[name][-1]:.0f}/s {cpus[name][-1]:.2f} us"
+                                                 for name in contenders), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # Rounds on this 2-core machine come out in two bands (seen: ~160k and ~230k/s for
@@ -99,6 +118,12 @@ def main() -> None:
         median, best = statistics.median(rates[name]), max(rates[name])
         print(f"  {name:<13} median {median:9.0f}/s (ratio to baseline {median / base:.3f})   "
               f"best {best:9.0f}/s (ratio {best / base_best:.3f})")
+    # CPU time is what a job costs the workers, whatever else holds the cores meanwhile
+    base_cpu = statistics.median(cpus["baseline"])
+    print("worker CPU per job (user + system of the worker processes), medians:")
+    for name in contenders:
+        cpu = statistics.median(cpus[name])
+        print(f"  {name:<13} {cpu:6.2f} us   ratio to baseline {cpu / base_cpu:.3f}")
 
 
 if __name__ == "__main__":
