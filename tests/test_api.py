@@ -86,3 +86,31 @@ def test_a_process_that_joins_a_second_local_backend_reaches_that_one_not_the_fi
         assert again.store.get_many(["which"]) == {"which": b"second"}
     finally:
         second.close()
+
+
+def test_a_client_that_goes_away_halfway_through_connecting_does_not_lock_out_the_others():
+    # A worker killed while it connects leaves the coordinator a socket that closes
+    # in the middle of the secret's handshake: every later client must still get in.
+    import socket
+    import threading
+
+    from packmule.backends.local import LocalBackend, LocalClient
+
+    backend = LocalBackend(workers=1)
+    try:
+        for _ in range(3):
+            with socket.socket(socket.AF_UNIX) as half:
+                half.connect(backend.address)  # and close at once, before answering the challenge
+        got: list[object] = []
+        joiner = threading.Thread(target=lambda: got.append(LocalClient(backend.address, backend.secret())),
+                                  daemon=True)
+        joiner.start()
+        joiner.join(10)
+        assert got, "a client could not connect within 10 s after one went away halfway through connecting"
+        client = got[0]
+        assert isinstance(client, LocalClient)
+        client.store.set_many({"k": b"v"}, 60)
+        assert backend.store.get_many(["k"]) == {"k": b"v"}
+        client.close()
+    finally:
+        backend.close()

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 
 from packmule.backends.local.core import Core, call, receive, send
 
@@ -33,21 +33,35 @@ SWEEP_EVERY = 60.0  # s between sweeps of expired keys
 class Coordinator:
     def __init__(self, address: str, secret: bytes) -> None:
         self.core = Core(f"local:{os.getpid()}")
-        self.listener = Listener(address, family="AF_UNIX", authkey=secret)
+        self.secret = secret
+        # Each connection proves the secret in its own thread (``serve``), not in the
+        # accept loop: a client that dies or stops halfway through the handshake (a
+        # worker killed as it starts) must not end or block the accepting of others.
+        self.listener = Listener(address, family="AF_UNIX")
+        self.closing = False
 
     def accept(self) -> None:
         while True:
             try:
                 conn = self.listener.accept()
-            except OSError:
-                return  # closed
-            except Exception as exc:  # a client with the wrong key: refuse it, keep serving
-                log.warning("local coordinator refused a connection: %r", exc)
+            except OSError as exc:
+                if self.closing:
+                    return
+                log.warning("local coordinator: accepting a connection failed: %r", exc)
+                time.sleep(0.05)  # (out of file descriptors, say: not a busy loop)
                 continue
             threading.Thread(target=self.serve, args=(conn,), daemon=True, name="packmule-conn").start()
 
     def serve(self, conn: Connection) -> None:
-        """Answer one client's requests, in order, until it goes away."""
+        """Check the client knows the secret, then answer its requests, in order,
+        until it goes away."""
+        try:
+            deliver_challenge(conn, self.secret)
+            answer_challenge(conn, self.secret)
+        except Exception as exc:  # a wrong key, or a client gone halfway: refuse it, keep serving
+            log.warning("local coordinator refused a connection: %r", exc)
+            conn.close()
+            return
         core = self.core
         owner = object()  # what this client reserves is given back when it goes away
         worker = False
@@ -106,6 +120,7 @@ def main() -> int:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stdin.buffer.read()  # until the process that started us closes it, or ends
+    coordinator.closing = True
     coordinator.listener.close()
     return 0
 
