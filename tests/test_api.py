@@ -82,6 +82,7 @@ def test_a_process_that_joins_a_second_local_backend_reaches_that_one_not_the_fi
     second = LocalBackend(workers=1)
     try:
         second.store.set_many({"which": b"second"}, 60)
+        assert second.store.get_many(["which"]) == {"which": b"second"}  # (the posted set has applied)
         again = LocalBackend.from_env(env_of(second))
         assert again.store.get_many(["which"]) == {"which": b"second"}
     finally:
@@ -110,6 +111,7 @@ def test_a_client_that_goes_away_halfway_through_connecting_does_not_lock_out_th
         client = got[0]
         assert isinstance(client, LocalClient)
         client.store.set_many({"k": b"v"}, 60)
+        assert client.store.get_many(["k"]) == {"k": b"v"}  # (a round trip: the posted set has applied)
         assert backend.store.get_many(["k"]) == {"k": b"v"}
         client.close()
     finally:
