@@ -4,6 +4,7 @@ the ``local`` backend against that copy, and prints which test caught it.
 
     python tests/mutation_check.py            # every defect
     python tests/mutation_check.py -k lock    # those whose name contains 'lock'
+    python tests/mutation_check.py -k lock,bury    # ... 'lock' or 'bury'
 
 Not a pytest module (nothing here is named ``test_*``).  The copy is laid out as
 packmule is installed (``packmule/``, ``packmule/backends/``,
@@ -111,8 +112,8 @@ DEFECTS = [
     Defect("workers ignore cancel()", "packmule/_engine.py",
            'if p + "cancel" in got or (len(tasks) == 1', "if (len(tasks) == 1"),
     Defect("forget() leaves the old generation's counters", "packmule/_census.py",
-           'RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel")',
-           'RUN_KEYS = ("seq", "root", "cancel")'),
+           'RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel", "t")',
+           'RUN_KEYS = ("seq", "root", "cancel", "t")'),
     Defect("non-atomic incr (read, sleep, write outside the lock)", "backends/local/core.py",
            _NON_ATOMIC_INCR_OLD, _NON_ATOMIC_INCR_NEW),
     Defect("bulk get drops a key", "backends/local/core.py",
@@ -171,10 +172,12 @@ def run_suite(site: str, log: str) -> tuple[set[str], float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", default="", help="only defects whose name contains this")
+    parser.add_argument("-k", default="", help="only defects whose name contains this (or, comma-separated, "
+                                                "any of these)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs of every run)")
     args = parser.parse_args()
-    names = list(dict.fromkeys(d.name for d in DEFECTS if args.k.lower() in d.name.lower()))
+    wanted = [part.strip().lower() for part in args.k.split(",")]
+    names = list(dict.fromkeys(d.name for d in DEFECTS if any(w in d.name.lower() for w in wanted)))
     tmp = tempfile.mkdtemp(prefix="packmule-mutants-")
     site = os.path.join(tmp, "site")
     os.makedirs(site)
