@@ -116,3 +116,19 @@ def test_a_client_that_goes_away_halfway_through_connecting_does_not_lock_out_th
         client.close()
     finally:
         backend.close()
+
+
+def test_a_coordinator_that_never_answers_the_handshake_is_reported_not_waited_on_forever(tmp_path, monkeypatch):
+    import socket
+
+    from packmule.backends import local
+
+    from packmule._errors import BackendUnavailable
+
+    monkeypatch.setattr(local, "CONNECT_TIMEOUT", 0.5)
+    address = str(tmp_path / "mute.sock")
+    with socket.socket(socket.AF_UNIX) as mute:  # takes connections, never speaks
+        mute.bind(address)
+        mute.listen(4)
+        with pytest.raises(BackendUnavailable, match="did not answer the secret's handshake within 0.5s"):
+            local.LocalClient(address, b"k" * 32)

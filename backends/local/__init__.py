@@ -42,6 +42,7 @@ ADDRESS_VAR, SECRET_VAR = "PACKMULE_LOCAL_ADDRESS", "PACKMULE_LOCAL_SECRET"
 RESTART_PAUSE = 1.0  # s between restarts of a worker that keeps dying at start
 STOP_GRACE = 5.0  # s close() gives workers to finish their batch before it kills them
 MAX_UNANSWERED = 64  # requests a client posts before it reads their answers
+CONNECT_TIMEOUT = 30.0  # s a client waits for the coordinator to take its connection and check its secret
 
 
 def _lock(lock_dir: str, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
@@ -221,6 +222,29 @@ class _Answer:
         self.value: Any = None
 
 
+def _connect(address: str, secret: bytes, timeout: float) -> Any:
+    """``Client(address, authkey=secret)``, but within ``timeout`` seconds: its
+    handshake has no time limit of its own, and a coordinator that takes the
+    connection and never answers must not hang this process silently."""
+    outcome: list[Any] = []
+
+    def attempt() -> None:
+        try:
+            outcome.append(Client(address, family="AF_UNIX", authkey=secret))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, daemon=True, name="packmule-connect")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"it took the connection but did not answer the secret's handshake within {timeout}s "
+                           "(stopped or overloaded?)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 class LocalClient(Backend):
     """The backend as any process but the coordinator reaches it: over the socket.
 
@@ -243,7 +267,7 @@ class LocalClient(Backend):
         self._unanswered: deque[_Answer | None] = deque()
         self._failure: BaseException | None = None  # the first failure of a posted request, not raised yet
         try:
-            self._conn = Client(address, family="AF_UNIX", authkey=secret)
+            self._conn = _connect(address, secret, CONNECT_TIMEOUT)
         except (OSError, EOFError) as exc:
             raise BackendUnavailable(
                 f"local coordinator at {address} (from {ADDRESS_VAR}) is not reachable: {exc}; "
