@@ -59,6 +59,11 @@ class Faulty(packmule.Runner):
         jobs.insert(dies, self.enqueue("dies_in_commit", dies, path, point, path + ".ok", width - 1))
         return self.deferred_result("total", jobs)
 
+    def counted_late(self, x: int, seconds: float) -> int:
+        """Returns ``x``; its worker counts it done ``seconds`` after storing its value."""
+        _engine.FAULTS["after_add"] = lambda: time.sleep(seconds)
+        return x
+
     def noted(self, x: int, path: str) -> int:
         note(path, str(x))
         return x

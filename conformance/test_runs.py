@@ -11,6 +11,7 @@ import pytest
 
 import packmule
 
+from .faulty import Faulty
 from .harness import Harness, environ_for
 from .runners import Flaky, Plain, SleepyRunner, Tree, lines
 
@@ -101,6 +102,14 @@ def test_deferred_result_outside_a_job_gets_its_values_in_the_order_of_its_list(
     assert runner.deferred_result("collect", runner.enqueue_each("ident", UNSORTED)) == UNSORTED
     jobs = [runner.enqueue("ident", v) for v in UNSORTED[:10]]
     assert runner.deferred_result("collect", jobs[::-1]) == UNSORTED[:10][::-1]
+
+
+def test_after_a_blocking_deferred_result_the_progress_counts_its_jobs(backend):
+    # each worker stores the values, then sleeps a second before it counts them done
+    runner = Faulty(backend=backend)
+    jobs = runner.enqueue_each("counted_late", [1, 2, 3], 1.0)
+    assert runner.deferred_result("total", jobs) == 6
+    assert runner.update_progress() == "3.0 / 3.0"
 
 
 def test_deferred_result_of_an_empty_list_calls_the_method_with_nothing(backend):

@@ -362,6 +362,8 @@ class Runner:
             follow = missing
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
+        if gen is not None:
+            self._wait_counted(state, gen, len(reader.keys), waiter)
         values = []
         for ref_id, key in zip(ids, ref_keys, strict=True):
             rec = recs[key]
@@ -370,6 +372,25 @@ class Runner:
         if not self.record_return_values:
             store.set_many(dict.fromkeys([*reader.keys, *value_keys(trail)], signer.dumps(GONE)), state.ttl)
         return values
+
+    @staticmethod
+    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: _Waiter) -> None:
+        """A job's value is stored a moment before its worker counts it done (the
+        add decides which execution completes it, then the count follows).  With
+        every value in hand, wait for the counts too, so that the progress read
+        after a blocking deferred_result includes its jobs: ``done`` reaches
+        their number, or the run is complete.  (A worker that died in between
+        is a stall that the waiter recounts.)"""
+        while True:
+            try:
+                now = state.progress(gen)
+            except BackendUnavailable as exc:
+                waiter.unreachable(exc)
+                continue
+            assert now is not None
+            if now.done >= jobs or now.complete:
+                return
+            waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
 
     # --- reading a run ------------------------------------------------------------------
     def _gen(self) -> str | None:
