@@ -14,7 +14,8 @@ from .faulty import Faulty
 from .harness import Harness
 from .runners import lines
 
-WAIT = 30
+WAIT = 30  # s: far beyond each wait's need (a run a kill left half-committed waits for a stall, then recounts)
+CRASHES = 25  # s: a few worker deaths and respawns (a few seconds); a queue that keeps a dead worker's jobs fails here
 
 
 def pool_is_whole(harness: Harness, size: int, within: float = 20.0) -> bool:
@@ -86,7 +87,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_for_good_after_max_crashes
     runner = Faulty(backend=harness.backend)
     path = str(tmp_path / "deaths")
     runner.enqueue("exits", path)
-    progress = runner.wait(timeout=60)
+    progress = runner.wait(timeout=CRASHES)
     assert (progress.done, progress.total, progress.failed) == (1, 1, 1)
     assert len(lines(path)) == Faulty.max_crashes == 3
     with pytest.raises(packmule.JobFailed) as err:
@@ -102,7 +103,7 @@ def test_a_killer_inside_a_bundle_fails_alone(harness, tmp_path):
     runner = Faulty(backend=harness.backend)
     path = str(tmp_path / "deaths")
     runner.enqueue_each("exits_if", range(10), 4, path)
-    progress = runner.wait(timeout=60)
+    progress = runner.wait(timeout=CRASHES)
     assert (progress.done, progress.total, progress.failed) == (10, 10, 1)
     # three deaths alone; before, maybe one with its bundle and one with others of a batch
     assert 3 <= len(lines(path)) <= 5
@@ -112,7 +113,7 @@ def test_a_single_kill_still_runs_the_job_again(backend, tmp_path):
     runner = Faulty(backend=backend)
     path = str(tmp_path / "deaths")
     runner.enqueue("exits_first_time", path)
-    assert runner.wait(timeout=WAIT) == "1.0 / 1.0"
+    assert runner.wait(timeout=CRASHES) == "1.0 / 1.0"
     assert runner.get_return_value() == "second life"
     assert len(lines(path)) == 1
 

@@ -159,8 +159,9 @@ def run_suite(site: str, log: str) -> tuple[set[str], float, str]:
     env.update(PYTHONPATH=site, PACKMULE_CONFORMANCE_BACKENDS="local", PYTHONDONTWRITEBYTECODE="1")
     start = time.monotonic()
     with open(log, "w") as out, contextlib.suppress(subprocess.TimeoutExpired):  # (over the limit: see main)
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-c", os.path.join(site, "pytest.ini"),
-                        "--rootdir", site, os.path.join(site, "packmule", "conformance")],
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=20",  # (the slow ones, in the log)
+                        "-c", os.path.join(site, "pytest.ini"), "--rootdir", site,
+                        os.path.join(site, "packmule", "conformance")],
                        cwd=site, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=SUITE_LIMIT + 60)
     took = time.monotonic() - start
     with open(log) as f:
