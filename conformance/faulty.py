@@ -64,6 +64,14 @@ class Faulty(packmule.Runner):
         _engine.FAULTS["after_add"] = lambda: time.sleep(seconds)
         return x
 
+    def killed_after_add(self, x: int, path: str) -> int:
+        """Returns ``x``; the first time, its worker is killed after storing the
+        value, before counting it done."""
+        if not lines(path):
+            note(path, str(os.getpid()))
+            _engine.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
     def noted(self, x: int, path: str) -> int:
         note(path, str(x))
         return x

@@ -134,6 +134,19 @@ def test_a_worker_killed_between_the_two_commit_writes_leaves_a_run_that_complet
     assert runner.get_return_value() == sum(range(width))
 
 
+def test_a_blocking_deferred_result_whose_inputs_worker_died_before_counting_them_ends_at_exact_counts(backend,
+                                                                                                      tmp_path):
+    # Given jobs whose worker stored their values, then died before counting them
+    runner = Faulty(backend=backend)
+    runner.wait_timeout = WAIT
+    path = str(tmp_path / "killed")
+    jobs = runner.enqueue_each("killed_after_add", [1, 2, 3], path)
+    # Then deferred_result gets the values, and the counts include its jobs once it returns
+    assert runner.deferred_result("total", jobs) == 6
+    assert runner.update_progress() == "3.0 / 3.0"
+    assert len(lines(path)) == 1
+
+
 def test_a_run_counted_complete_has_its_value_even_if_the_worker_dies_right_after(backend, tmp_path):
     # Given a job whose value is its continuation's, and a worker killed just
     # after the continuation's commit counted both done

@@ -383,12 +383,11 @@ class Runner:
         is a stall that the waiter recounts.)"""
         while True:
             try:
-                now = state.progress(gen)
+                now = state.progress(gen, missing_ok=True)
             except BackendUnavailable as exc:
                 waiter.unreachable(exc)
                 continue
-            assert now is not None
-            if now.done >= jobs or now.complete:
+            if now is None or now.done >= jobs or now.complete:  # (counters gone: nothing to wait for)
                 return
             waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
 
