@@ -363,7 +363,7 @@ class Runner:
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
         if gen is not None:
-            self._wait_counted(state, gen, len(reader.keys), waiter)
+            self._wait_counted(state, gen, len(reader.keys), waiter, reader.counts)
         values = []
         for ref_id, key in zip(ids, ref_keys, strict=True):
             rec = recs[key]
@@ -374,13 +374,17 @@ class Runner:
         return values
 
     @staticmethod
-    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: _Waiter) -> None:
+    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: _Waiter, first: Progress | None) -> None:
         """A job's value is stored a moment before its worker counts it done (the
         add decides which execution completes it, then the count follows).  With
         every value in hand, wait for the counts too, so that the progress read
         after a blocking deferred_result includes its jobs: ``done`` reaches
         their number, or the run is complete.  (A worker that died in between
-        is a stall that the waiter recounts.)"""
+        is a stall that the waiter recounts.)  ``first``: the counts read with the
+        last values, if any; usually they already say so."""
+        if first is not None and (first.done >= jobs or first.complete):
+            return
+        looks = 0
         while True:
             try:
                 now = state.progress(gen, missing_ok=True)
@@ -389,7 +393,9 @@ class Runner:
                 continue
             if now is None or now.done >= jobs or now.complete:  # (counters gone: nothing to wait for)
                 return
-            waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
+            looks += 1
+            if looks > 2:  # (the count is usually one store call behind its value: look again at once, twice)
+                waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
 
     # --- reading a run ------------------------------------------------------------------
     def _gen(self) -> str | None:
@@ -525,6 +531,9 @@ class _ValueReader:
         self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
         self.seen_done = self.last_done = -1
         self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
+        # the run's counters, read with the last window of values (after them): no extra trip to check them
+        self.counters = [] if gen is None else [prefix(state.name, gen) + k for k in ("done", "total", "failed")]
+        self.counts: Progress | None = None
 
     def finished(self) -> bool:
         return self.pos >= len(self.keys)
@@ -549,7 +558,11 @@ class _ValueReader:
             self._ask()
         assert self.ahead is not None
         window, answer = self.ahead
-        got = gather(state.store, state.signer, answer())
+        raw = answer()
+        counts = [raw.pop(k) for k in self.counters if k in raw]
+        if len(counts) == 3:
+            self.counts = Progress(*map(int, counts))
+        got = gather(state.store, state.signer, raw)
         self.ahead = None
         if len(got) == len(window) and self.cursor < len(keys):
             self._ask()  # every value asked for was there: more may be, ask for them now
@@ -567,7 +580,8 @@ class _ValueReader:
     def _ask(self) -> None:
         """Start reading the values of the next window not read yet."""
         window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
-        self.ahead = window, self.state.store.get_many_soon(window)
+        last = self.cursor + READ_CHUNK >= len(self.keys)
+        self.ahead = window, self.state.store.get_many_soon(window + self.counters if last else window)
         self.cursor += READ_CHUNK
 
 
