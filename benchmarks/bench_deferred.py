@@ -3,8 +3,9 @@ baseline commit, in one run, on the local backend with 2 workers.
 
     python benchmarks/bench_deferred.py [--baseline 5e9f9e3] [--repeat 7]
 
-Two workloads a round, each in a fresh process per contender, rounds
-alternating so that the machine's other load falls on both alike:
+Two workloads a round, each in a fresh process per contender; rounds
+alternate, and so does which contender goes first, so that the machine's
+other load falls on both alike:
 
   fan     one deferred_result over 20,000 no-op jobs (the values are read in windows)
   small   300 deferred_results one after another, each over 3 no-op jobs (the
@@ -74,8 +75,9 @@ def main() -> None:
                  "today": stage(None, os.path.join(tmp, "now"))}
         took: dict[tuple[str, str], list[float]] = {(s, k): [] for s in sites for k in kinds}
         for r in range(a.repeat):
+            order = list(sites.items())[::-1 if r % 2 else 1]  # (who goes first alternates: the second was slower)
             for kind in kinds:
-                for name, site in sites.items():
+                for name, site in order:
                     took[name, kind].append(one_round(site, kind))
             print(f"round {r + 1}: " + ", ".join(f"{n} {k} {took[n, k][-1]:.3f} s" for n, k in took), flush=True)
     finally:
