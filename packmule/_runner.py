@@ -29,7 +29,19 @@ from packmule._errors import (
     ValuesNotRecorded,
 )
 from packmule._spill import gather, spill_bodies, spill_values
-from packmule._state import GONE, VOID, RunState, blob_key, check_name, prefix, records, ref_for, unwrap, value_keys
+from packmule._state import (
+    GONE,
+    VOID,
+    RunState,
+    blob_key,
+    check_name,
+    prefix,
+    progress_of,
+    records,
+    ref_for,
+    unwrap,
+    value_keys,
+)
 from packmule._types import JobRef, Progress
 from packmule._watchdog import Watchdog
 from packmule._wire import BUNDLE, Entries, Task, count, expand, pack, shard
@@ -532,7 +544,7 @@ class _ValueReader:
         self.seen_done = self.last_done = -1
         self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
         # the run's counters, read with the last window of values (after them): no extra trip to check them
-        self.counters = [] if gen is None else [prefix(state.name, gen) + k for k in ("done", "total", "failed")]
+        self.counters = [] if gen is None else state.counter_keys(gen)
         self.counts: Progress | None = None
 
     def finished(self) -> bool:
@@ -559,9 +571,10 @@ class _ValueReader:
         assert self.ahead is not None
         window, answer = self.ahead
         raw = answer()
-        counts = [raw.pop(k) for k in self.counters if k in raw]
-        if len(counts) == 3:
-            self.counts = Progress(*map(int, counts))
+        if self.counters and self.counters[0] in raw:  # (asked for with the last window)
+            self.counts = progress_of(self.counters, raw)
+            for k in self.counters:
+                raw.pop(k, None)
         got = gather(state.store, state.signer, raw)
         self.ahead = None
         if len(got) == len(window) and self.cursor < len(keys):

@@ -142,16 +142,20 @@ class RunState:
 
     # --- progress ----------------------------------------------------------
     def progress(self, gen: str, missing_ok: bool = False) -> Progress | None:
-        p = prefix(self.name, gen)
-        got = self.store.get_many([p + "total", p + "done", p + "failed"])
-        if len(got) < 3:
-            if missing_ok:
-                return None
+        keys = self.counter_keys(gen)
+        got = progress_of(keys, self.store.get_many(keys))
+        if got is None and not missing_ok:
             raise RunStateLost(
                 f"run {self.name!r} (generation {gen}): its counters are gone from the store "
                 "(restarted, evicted, or forgotten); the run cannot complete"
             )
-        return Progress(int(got[p + "done"]), int(got[p + "total"]), int(got[p + "failed"]))
+        return got
+
+    def counter_keys(self, gen: str) -> list[str]:
+        """The keys of the run's ``done``, ``total`` and ``failed`` counters, in
+        that order (``progress_of`` reads them from a bulk get)."""
+        p = prefix(self.name, gen)
+        return [p + "done", p + "total", p + "failed"]
 
     def cancelled(self, gen: str) -> bool:
         key = prefix(self.name, gen) + "cancel"
@@ -223,3 +227,11 @@ def unwrap(record: Any, ref_id: str) -> Any:
 
 def ref_for(backend: Backend, name: str, gen: str, path: str) -> JobRef:
     return JobRef(job_id(name, gen, path), backend.queue.server_for(shard(name, gen, path)))
+
+
+def progress_of(keys: list[str], got: dict[str, bytes]) -> Progress | None:
+    """The Progress that a bulk get of ``counter_keys`` found, or None if a counter is gone."""
+    if not all(k in got for k in keys):
+        return None
+    done, total, failed = (int(got[k]) for k in keys)
+    return Progress(done, total, failed)
