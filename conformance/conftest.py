@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import Factory, Harness, factory_for
+from .harness import Factory, Harness, factory_for, spill_limit
 from .plugin import OPTIONS_PLUGIN, add_options
 
 FACTORIES = pytest.StashKey[dict[str, Factory]]()
@@ -40,7 +40,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
-    with request.config.stash[FACTORIES][request.param]() as h:
+    with spill_limit(), request.config.stash[FACTORIES][request.param]() as h:
         yield h
 
 

@@ -31,6 +31,22 @@ from packmule._config import ENTRY_POINT_GROUP, backend_class
 
 HARNESS_GROUP = "packmule.conformance_harnesses"  # NAME = "module:factory", for backends with outside workers
 SUITE_VARS = {"PACKMULE_CONFORMANCE_BACKENDS", "PACKMULE_REQUIRE_CLUSTER"}  # settings of the suite, not of a backend
+# The suite's chunking limit (packmule._spill): payloads over 16 KiB are stored
+# in chunks on every backend, also where the store itself has no item limit.
+SPILL_VAR, SPILL_ABOVE = "PACKMULE_SPILL_ABOVE", "16384"
+
+
+@contextlib.contextmanager
+def spill_limit() -> Iterator[None]:
+    """``PACKMULE_SPILL_ABOVE`` set (unless it is already) for the harness's life:
+    the driver reads it, and the workers a harness starts inherit it."""
+    saved = os.environ.get(SPILL_VAR)
+    os.environ[SPILL_VAR] = saved or SPILL_ABOVE
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(SPILL_VAR, None)
 
 
 @dataclass
@@ -187,6 +203,8 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
         env = {"PACKMULE_BACKEND": "beanstalk", "PACKMULE_BEANSTALKD": bs.address,
                "PACKMULE_MEMCACHED": mc.address, "PACKMULE_ZOOKEEPER": zk.address,
                "PACKMULE_SECRET": secrets.token_hex(16), "PACKMULE_TUBE": "conformance"}
+        if SPILL_VAR in os.environ:
+            env[SPILL_VAR] = os.environ[SPILL_VAR]
         backend = BeanstalkBackend.from_env(env)
         harness = Harness(backend, env)
         run_env = environ_for(harness)

@@ -10,7 +10,9 @@ import pytest
 from packmule.backends.base import Put
 
 import packmule
+from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, pointer, prefix
 
+from .hostile import Boom
 from .runners import Flaky, Plain, Unpicklable, Worky, lines
 
 WAIT = 15  # s: far beyond what each wait needs; a broken backend fails the test through it
@@ -95,13 +97,8 @@ def test_no_job_of_a_run_starts_after_cancel_returns(backend, tmp_path):
         runner.wait(timeout=WAIT)
 
 
-def prefix(name: str, gen: str) -> str:
-    """The head of a generation's keys (packmule/_state.py)."""
-    return f"pm:{name}:{gen}:"
-
-
-RUN_COUNTERS = ("total", "done", "failed", "seq", "root", "cancel", "t")
-JOB_KEYS = ("v", "cm", "n", "spec", "try")  # per job path (packmule/_state.py)
+RUN_COUNTERS = tuple(f for f in RUN_FIELDS if f != "next")  # (a run that never completed has no successor)
+JOB_KEYS = tuple(f for f in PATH_FIELDS if f != "gap:")  # per job path
 
 
 def _generation_keys(name: str, gen: str, width: int = 6, depth: int = 3) -> list[str]:
@@ -109,19 +106,19 @@ def _generation_keys(name: str, gen: str, width: int = 6, depth: int = 3) -> lis
     layout (packmule/_state.py) can name, for root jobs 0..width-1 and jobs up
     to ``depth`` levels below them, each with up to ``width`` children."""
     p = prefix(name, gen)
-    keys = [f"pm:{name}", f"pm:{name}:next:{gen}", *(p + k for k in RUN_COUNTERS)]
+    keys = [pointer(name), *(p + k for k in RUN_FIELDS)]
     level = [str(i) for i in range(width)]
     paths = list(level)
     for _ in range(depth):
         level = [f"{up}.{i}" for up in level for i in range(width)]
         paths += level
-    keys += [f"{p}{kind}:{path}" for path in paths for kind in JOB_KEYS]
-    keys += [f"{p}f:{k}" for k in range(50)]
+    keys += [f"{p}{kind}{path}" for path in paths for kind in PATH_FIELDS]
+    keys += [f"{p}{FAILED_FIELD}{k}" for k in range(50)]
     return keys
 
 
 def _kind(key: str, name: str, gen: str) -> str:
-    return key[len(prefix(name, gen)):].split(":")[0] if key.startswith(prefix(name, gen)) else key
+    return key[len(prefix(name, gen)):].split(":")[0] + ":" if key.startswith(prefix(name, gen)) else key
 
 
 def _run_with_every_kind_of_key(backend) -> tuple[packmule.Runner, str, str]:  # type: ignore[no-untyped-def]
@@ -136,7 +133,7 @@ def _run_with_every_kind_of_key(backend) -> tuple[packmule.Runner, str, str]:  #
 
 def test_forget_removes_the_runs_pointer_and_counters(backend):
     runner, name, gen = _run_with_every_kind_of_key(backend)
-    keys = [f"pm:{name}", *(prefix(name, gen) + k for k in RUN_COUNTERS)]
+    keys = [pointer(name), *(prefix(name, gen) + k for k in RUN_COUNTERS)]
     assert set(backend.store.get_many(keys)) == set(keys)
     runner.forget()
     assert sorted(backend.store.get_many(keys)) == []
@@ -146,7 +143,8 @@ def test_forget_leaves_no_key_of_the_old_generation(backend):
     runner, name, gen = _run_with_every_kind_of_key(backend)
     keys = _generation_keys(name, gen)
     kinds = {_kind(k, name, gen) for k in backend.store.get_many(keys)}
-    assert {*RUN_COUNTERS, *JOB_KEYS, "f", f"pm:{name}"} <= kinds, "the keys named here miss some the engine made"
+    expected = {*(k + ":" for k in RUN_COUNTERS), *JOB_KEYS, FAILED_FIELD, pointer(name)}
+    assert expected <= kinds, "the keys named here miss some the engine made"
     runner.forget()
     assert sorted(backend.store.get_many(keys)) == []
 
@@ -215,19 +213,9 @@ def test_bad_input_loses_nothing_already_queued(backend):
     assert runner.get_return_value(ref) == "kept"
 
 
-class _Boom:
-    """Unpickling this runs code: exactly what a forged body would try."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (open, (self.path, "w"))
-
-
 def test_a_forged_body_is_buried_and_never_unpickled(backend, tmp_path):
     marker = tmp_path / "unpickled"
-    forged = b"\0" * 32 + pickle.dumps(_Boom(str(marker)))
+    forged = b"\0" * 32 + pickle.dumps(Boom(str(marker)))
     before = backend.queue.stats().buried
     backend.queue.put_many([Put("forged", forged, 10)])
     deadline = time.monotonic() + WAIT
@@ -240,7 +228,7 @@ def test_a_forged_body_is_buried_and_never_unpickled(backend, tmp_path):
 def test_an_unsigned_body_is_buried_and_never_unpickled(backend, tmp_path):
     marker = tmp_path / "unpickled"
     before = backend.queue.stats().buried
-    backend.queue.put_many([Put("unsigned", pickle.dumps(_Boom(str(marker))), 10)])
+    backend.queue.put_many([Put("unsigned", pickle.dumps(Boom(str(marker))), 10)])
     deadline = time.monotonic() + WAIT
     while backend.queue.stats().buried == before:
         assert time.monotonic() < deadline, "the unsigned body was not set aside"

@@ -11,6 +11,7 @@ import uuid
 
 import psutil
 
+from packmule._keys import pointer
 from packmule._registry import BEAT, RUN_SLOTS, Watcher
 from packmule._runner import signer_for
 from packmule._state import RunState
@@ -40,7 +41,7 @@ def test_runs_are_listed_newest_first_with_the_progress_update_progress_shows(ba
     assert [r.progress for r in runs] == [second.update_progress(), first.update_progress()] == \
         ["5.0 / 5.0", "3.0 / 3.0"]
     assert [r.state for r in runs] == ["complete", "complete"]
-    assert runs[0].generation == backend.store.get_many([f"pm:{second.name}"])[f"pm:{second.name}"].decode()
+    assert runs[0].generation == backend.store.get_many([pointer(second.name)])[pointer(second.name)].decode()
     assert before <= runs[1].started_at <= runs[0].started_at <= time.time()
     assert all(r.eta == 0.0 for r in runs)
 

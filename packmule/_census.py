@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from packmule._codec import Signer
+from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS
 from packmule._spill import gather
 from packmule._wire import Task, encode
 from packmule.backends.base import Backend, Store
@@ -34,8 +35,6 @@ log = logging.getLogger("packmule")
 
 READ = 1000  # keys a bulk read or delete carries
 SETTLE = 2.0  # s between reading a run's values and its counters, in a recount
-KINDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # the per-path keys of a run
-RUN_KEYS = ("total", "done", "failed", "seq", "root", "cancel", "t")
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -97,9 +96,9 @@ def run_keys(store: Store, name: str, gen: str, p: str) -> list[str]:
     nodes = walk(store, p, with_values=False)
     failed_raw = store.get_many([p + "failed"]).get(p + "failed")
     failures = int(failed_raw) if failed_raw is not None else 0
-    keys = [p + k for k in RUN_KEYS] + [f"pm:{name}:next:{gen}"]
-    keys += [f"{p}f:{k}" for k in range(1, failures + 1)]
-    keys += [p + kind + path for path in nodes for kind in KINDS]
+    keys = [p + k for k in RUN_FIELDS]
+    keys += [f"{p}{FAILED_FIELD}{k}" for k in range(1, failures + 1)]
+    keys += [p + kind + path for path in nodes for kind in PATH_FIELDS]
     return keys
 
 

@@ -67,6 +67,19 @@ def max_payload(env: Mapping[str, str] | None = None) -> int:
     return int(raw)
 
 
+def spill_above(env: Mapping[str, str] | None = None) -> int | None:
+    """``PACKMULE_SPILL_ABOVE``: a payload (queue body, stored value) over this many
+    bytes goes to the store in chunks even where the backend could hold it whole
+    (a memcached started with a small ``-I``; the conformance suite sets it so the
+    chunked path runs on every backend).  None: only over the backend's own limits."""
+    raw = (os.environ if env is None else env).get("PACKMULE_SPILL_ABOVE", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1024:
+        raise ValueError(f"PACKMULE_SPILL_ABOVE={raw!r}: give a whole number of bytes >= 1024")
+    return int(raw)
+
+
 def delay_scale(env: Mapping[str, str] | None = None) -> float:
     """``PACKMULE_DELAY_SCALE``: the factor on retry backoff and poll delays (1
     unless set; ``packmule.testing`` sets it for its workers and the test)."""

@@ -32,10 +32,12 @@ import cloudpickle
 from packmule import _config
 from packmule._codec import Forged, Signer, dumps
 from packmule._errors import BackendUnavailable
+from packmule._keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
+from packmule._methods import refusal
 from packmule._registry import STATS
 from packmule._spill import gather, gather_one, spill_bodies, spill_values
-from packmule._state import GONE, blob_key, job_id, prefix, records, rejected_key, value_key
-from packmule._tracebacks import traceback_text
+from packmule._state import GONE, records
+from packmule._tracebacks import describe, short_repr
 from packmule._types import JobRef
 from packmule._watchdog import Watchdog
 from packmule._wire import Task, decode, encode
@@ -104,14 +106,10 @@ current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("pac
 
 
 def failure_info(task: Task, method: str, args: Any, exc: BaseException) -> dict[str, str]:
-    return {
-        "job": job_id(task.name, task.gen, task.path),
-        "method": method,
-        "args": _short_repr(args),
-        "exc_type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": traceback_text(exc),
-    }
+    """The failure record of what a job raised (``describe``: whatever it raised, this never raises)."""
+    shown = describe(exc)
+    return {"job": job_id(task.name, task.gen, task.path), "method": method, "args": short_repr(args),
+            "exc_type": shown.exc_type, "message": shown.message, "traceback": shown.traceback}
 
 
 def packmule_failure(task: Task, spec: Spec | None, exc_type: str, message: str) -> tuple[str, dict[str, str]]:
@@ -119,16 +117,8 @@ def packmule_failure(task: Task, spec: Spec | None, exc_type: str, message: str)
     it crashed its workers, or its value could not be stored or committed."""
     method = task.method or (spec.method if spec else "(continuation)")
     log.warning("job %s failed for good: %s", job_id(task.name, task.gen, task.path), message)
-    return ("err", {"job": job_id(task.name, task.gen, task.path), "method": method, "args": _short_repr(task.args),
+    return ("err", {"job": job_id(task.name, task.gen, task.path), "method": method, "args": short_repr(task.args),
                     "exc_type": exc_type, "message": message, "traceback": ""})
-
-
-def _short_repr(args: Any) -> str:
-    try:
-        text = repr(args)
-    except Exception as exc:  # a repr that raises must not hide the real failure
-        text = f"<unrepresentable: {exc!r}>"
-    return text if len(text) <= 500 else text[:497] + "..."
 
 
 class Outcome:
@@ -246,9 +236,11 @@ class Engine:
                             "unpickled", item.handle, item.server, exc, exc.key_id or "none",
                             self.signer.key_id.hex())
                 self.queue.bury(item.handle)
-                if exc.key_id:
+                if exc.key_id and exc.key_id != self.signer.key_id.hex():
                     # what the driver of that secret reads (its key id is all this
-                    # says of the body, which is trusted for nothing else)
+                    # says of the body, which is trusted for nothing else); a body
+                    # claiming this worker's own key id with a wrong tag was tampered
+                    # with or forged, and there is no driver of another secret to warn
                     rejected[rejected_key(exc.key_id)] = f"{time.time():.3f} {self.signer.key_id.hex()}".encode()
             except Exception as exc:
                 log.warning("buried job %s on %s: unreadable body: %r", item.handle, item.server, exc)
@@ -418,22 +410,29 @@ class Engine:
     def _call(self, item: Reserved, t: Task, p: str, method: str, got: dict[str, bytes],
               lead: tuple[Any, ...] = ()) -> Outcome:
         try:
-            fn: Callable[..., Any] = getattr(self.runner(t.digest, got), method)
+            runner = self.runner(t.digest, got)
+            why = refusal(type(runner), method)
+            fn: Callable[..., Any] | None = getattr(runner, method) if why is None else None
         except Exception as exc:
             info = failure_info(t, method, "<not loaded>", exc)
-            log.warning("job %s cannot be loaded: %s: %s", info["job"], info["exc_type"], exc)
+            log.warning("job %s cannot be loaded: %s: %s", info["job"], info["exc_type"], info["message"])
             return Outcome(item, t, p, "raised", ("err", info))
+        if fn is None:  # an old or crafted body, correctly signed: fails, never called
+            return Outcome(item, t, p, "done", packmule_failure(t, None, "RefusedMethod", f"not run: {why}"))
         ctx = JobContext(self.backend, t, item.handle)
         token = current.set(ctx)
         try:
             value = fn(*lead, *t.args, **t.kwargs)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: job code cannot end its worker
             shown = (*lead, *t.args) if not lead else ("<values>", *t.args)
             return Outcome(item, t, p, "raised", ("err", failure_info(t, method, shown, exc)))
         finally:
             current.reset(token)
-        if isinstance(value, JobRef):
-            name, gen, path = value.parts
+        if issubclass(type(value), JobRef):  # (type(): a value's own __class__ may raise)
+            try:
+                name, gen, path = parse_job_id(value[0])
+            except ValueError as exc:  # (JobRef.fast, or a tuple forced into one): every reader would choke
+                return Outcome(item, t, p, "done", packmule_failure(t, None, "BadJobRef", f"it returned {exc}"))
             if (name, gen) == (t.name, t.gen) and path in ctx.deferreds:
                 return Outcome(item, t, p, "done", None, ctx, handoff=path)
             return Outcome(item, t, p, "done", ("ref", value.id), ctx)
@@ -486,8 +485,8 @@ class Engine:
         if FAULTS:
             _fault("after_counts")
         for key, delta in counts.deltas.items():
-            if key.endswith((":done", ":failed")):  # (the totals a dashboard shows: jobs this worker completed)
-                STATS.counted(key.rpartition(":")[2], delta)
+            if key.endswith(("/done", "/failed")):  # (the totals a dashboard shows: jobs this worker completed)
+                STATS.counted(key.rpartition("/")[2], delta)
         later: list[Task] = []  # children and continuations to queue
         failures: dict[str, bytes] = {}  # f:<k> -> path of the k-th failed job of its run
         for key, value in results.items():
@@ -495,7 +494,7 @@ class Engine:
                 log.warning("run state lost: counter %s is gone from the store", key)
             elif key in counts.fire and value == counts.fire[key][0]:
                 later.append(counts.fire[key][1])
-            elif key.endswith(":failed"):
+            elif key.endswith("/failed"):
                 p = key[: -len("failed")]
                 paths = counts.failed_paths[p]
                 failures.update((f"{p}f:{value - len(paths) + 1 + i}", path.encode()) for i, path in enumerate(paths))
@@ -629,17 +628,24 @@ class Engine:
 
     def _stored(self, entry: tuple[str, Outcome]) -> bytes:
         """The pickled value record of a completed job.  A value that cannot be
-        pickled, or is larger than packmule carries, makes the job a failure
-        that says so (the job is not retried: its next run would return the same)."""
+        pickled, or unpickled again, or is larger than packmule carries, makes the
+        job a failure that says so (the job is not retried: its next run would
+        return the same).  A value unpickled nowhere could wedge every reader."""
         o = entry[1]
+        assert o.record is not None
+        value = o.record[1] if o.record[0] == "ok" else None
+        how = "pickled"
         try:
             data = dumps(o.record)
-        except Exception as exc:
-            value = o.record[1] if o.record else None
+            how = "unpickled again"
+            if not _immutable(value):  # (plain immutable data always loads: no trial for it)
+                pickle.loads(data)
+        except BaseException as exc:  # (a value's own __reduce__ or __setstate__ may raise anything)
+            shown = describe(exc)
             o.record = packmule_failure(o.task, o.spec, "UnstorableValue",
-                                        f"its return value ({type(value).__name__}) cannot be pickled: "
-                                        f"{type(exc).__name__}: {exc}; return values must be picklable by "
-                                        "cloudpickle (return plain data, not locks, sockets, files or generators)")
+                                        f"its return value ({type(value).__name__}) cannot be {how}: "
+                                        f"{shown.exc_type}: {shown.message}; return values must be picklable "
+                                        "by cloudpickle (return plain data, not locks, sockets, files or generators)")
             return dumps(o.record)
         limit = self.max_payload
         if len(data) > limit:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from packmule._keys import job_id, pointer, prefix
 from packmule.backends.base import Backend, QueueStats, Store
 
 ENABLED = os.environ.get("PACKMULE_REGISTRY", "1") != "0"
@@ -289,7 +290,7 @@ class Watcher:
     def run(self, name: str, generation: str | None = None) -> RunInfo | None:
         """The run's current generation (what ``update_progress()`` reads), or the one named."""
         if generation is None:
-            raw = self.store.get_many([f"pm:{name}"]).get(f"pm:{name}")
+            raw = self.store.get_many([pointer(name)]).get(pointer(name))
             if raw is None:
                 return None
             generation = raw.decode()
@@ -300,13 +301,13 @@ class Watcher:
         if not entries:
             return []
         fields = ("total", "done", "failed", "cancel", "t")
-        keys = [f"pm:{name}:{gen}:{f}" for name, gen, _ in entries for f in fields]
+        keys = [prefix(name, gen) + f for name, gen, _ in entries for f in fields]
         got = self.store.get_many(keys)
         idle: bool | None = None
         now = time.time()
         out = []
         for name, gen, started in entries:
-            p = f"pm:{name}:{gen}:"
+            p = prefix(name, gen)
             if started is None:
                 started = float(got.get(p + "t", b"0").split()[0])
             counts = [got.get(p + f) for f in ("done", "total", "failed")]
@@ -355,9 +356,9 @@ class Watcher:
     def failures(self, info: RunInfo, limit: int = 100) -> list[dict[str, str]]:
         """The run's failed jobs (first ``limit``): job, method, args, exc_type, message, traceback."""
         from packmule._runner import signer_for
-        from packmule._state import job_id, records
+        from packmule._state import records
 
-        p = f"pm:{info.name}:{info.generation}:"
+        p = prefix(info.name, info.generation)
         got = self.store.get_many([f"{p}f:{k}" for k in range(1, min(info.failed, limit) + 1)])
         ids = [job_id(info.name, info.generation, raw.decode()) for raw in got.values()]
         recs = records(self.store, signer_for(self.backend), ids)
@@ -374,11 +375,11 @@ class Watcher:
     def value_repr(self, info: RunInfo, limit: int = 2000) -> str | None:
         """``repr`` of the run's return value, once it is complete and if it was recorded."""
         from packmule._runner import signer_for
-        from packmule._state import job_id, records
+        from packmule._state import records
 
         if not info.complete:
             return None
-        key = f"pm:{info.name}:{info.generation}:root"
+        key = prefix(info.name, info.generation) + "root"
         root = self.store.get_many([key]).get(key)
         if root is None:
             return None

@@ -28,20 +28,10 @@ from packmule._errors import (
     SecretMismatch,
     ValuesNotRecorded,
 )
+from packmule._keys import blob_key, check_name, parse_job_id, pointer, prefix, recount_lock, user_lock, value_keys
+from packmule._methods import FRAMEWORK, refusal
 from packmule._spill import gather, spill_bodies, spill_values
-from packmule._state import (
-    GONE,
-    VOID,
-    RunState,
-    blob_key,
-    check_name,
-    prefix,
-    progress_of,
-    records,
-    ref_for,
-    unwrap,
-    value_keys,
-)
+from packmule._state import GONE, VOID, RunState, progress_of, records, ref_for, unwrap
 from packmule._types import JobRef, Progress
 from packmule._watchdog import Watchdog
 from packmule._wire import BUNDLE, Entries, Task, count, expand, pack, shard
@@ -136,11 +126,10 @@ class Runner:
         return float(ttr), retries, float(delay), bool(self.record_return_values)
 
     def _check_method(self, method_name: str) -> None:
-        if not isinstance(method_name, str):
-            raise TypeError(f"method name must be a str, not {type(method_name).__name__}")
-        attr = getattr(type(self), method_name, None)
-        if method_name.startswith("_pm_") or not callable(attr):
-            raise ValueError(f"{type(self).__name__} has no method {method_name!r} to run as a job")
+        """Refuse, with nothing queued, a name that is no job method (``packmule._methods``)."""
+        why = refusal(type(self), method_name)
+        if why is not None:
+            raise (ValueError if isinstance(method_name, str) else TypeError)(why)
 
     def _serialize(self, what: str, obj: Any) -> bytes:
         try:
@@ -324,7 +313,7 @@ class Runner:
         gen = ctx.task.gen
         own: list[str] = []
         for ref in refs:
-            name, rgen, rpath = ref.parts
+            name, rgen, rpath = parse_job_id(ref[0])  # (a worker reads these: refuse what it could not)
             if ((name, rgen) == (self.name, gen) and rpath not in own
                     and (rpath in ctx.child_index or rpath in ctx.deferreds)):
                 own.append(rpath)
@@ -486,7 +475,7 @@ class Runner:
     # --- coordination ---------------------------------------------------------------------
     def lock(self, name: str, timeout: float | None = None) -> AbstractContextManager[None]:
         """A mutex shared by every worker of the backend."""
-        lock: AbstractContextManager[None] = self.backend.lock(check_name(name, "lock name"), timeout)
+        lock: AbstractContextManager[None] = self.backend.lock(user_lock(name), timeout)
         return lock
 
     def touch(self) -> None:
@@ -509,7 +498,7 @@ class Runner:
         it still queued are set aside by the workers (their run has no state)."""
         gen = self._gen()
         store = self.backend.store
-        keys = [f"pm:{self.name}"]
+        keys = [pointer(self.name)]
         if gen is not None:
             keys += _census.run_keys(store, self.name, gen, prefix(self.name, gen))
             keys += _registry.slot_of(store, self.name, gen, prefix(self.name, gen))  # (off the dashboard too)
@@ -522,9 +511,12 @@ class Runner:
         one process at a time; what was fixed, or None.  ``quiet``: nothing is
         queued or running anywhere."""
         state = self._state()
-        with self.backend.lock(f"pm-recount:{self.name}", RECOUNT_LOCK_TIMEOUT):
+        with self.backend.lock(recount_lock(self.name), RECOUNT_LOCK_TIMEOUT):
             return _census.recount(self.backend, state.signer, self.name, gen, prefix(self.name, gen), state.ttl,
                                    quiet)
+
+
+FRAMEWORK.add(Runner)
 
 
 class _ValueReader:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+from packmule import _config
 from packmule._codec import HEAD, Signer
 from packmule._errors import RunStateLost
 from packmule.backends.base import Backend, Put, Store
@@ -30,9 +31,16 @@ def _digest(blob: bytes) -> str:
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
+def _limit(own: int | None) -> int | None:
+    """The size over which a payload is chunked: the backend's own limit, or
+    ``PACKMULE_SPILL_ABOVE`` where that is smaller."""
+    above = _config.spill_above()
+    return own if above is None else above if own is None else min(own, above)
+
+
 def _store_chunks(store: Store, signer: Signer, head: str, blob: bytes, ttl: float) -> bytes:
     """Write ``blob`` in chunks under ``head:<i>``; the signed pointer to them."""
-    size = min(CHUNK, store.max_value or CHUNK)
+    size = min(CHUNK, _limit(store.max_value) or CHUNK)
     parts = {f"{head}:{i}": blob[start:start + size] for i, start in enumerate(range(0, len(blob), size))}
     store.set_many(parts, ttl)
     return signer.sign(MARK + f"{head} {len(parts)} {len(blob)}".encode())
@@ -42,7 +50,7 @@ def spill_values(store: Store, signer: Signer, items: Mapping[str, bytes | int],
                  ) -> Mapping[str, bytes | int]:
     """``items`` as the store can hold them: a value over ``store.max_value`` is
     written in chunks now and replaced by its pointer."""
-    limit = store.max_value
+    limit = _limit(store.max_value)
     if limit is None or not any(isinstance(v, bytes) and len(v) > limit for v in items.values()):
         return items
     out = dict(items)
@@ -55,7 +63,7 @@ def spill_values(store: Store, signer: Signer, items: Mapping[str, bytes | int],
 def spill_bodies(backend: Backend, signer: Signer, puts: Sequence[Put], ttl: float) -> Sequence[Put]:
     """``puts`` as the queue can hold them: a body over ``queue.max_body`` goes
     to the store in chunks (named by its digest) and its pointer is queued."""
-    limit = backend.queue.max_body
+    limit = _limit(backend.queue.max_body)
     if limit is None or all(len(put.body) <= limit for put in puts):
         return puts
     return [put if len(put.body) <= limit else

@@ -1,24 +1,5 @@
-"""A run's state in the store: the key layout, and the reads and writes the
-driver makes (start or join a run, read progress, read values).
-
-Keys (``P`` = ``pm:<name>:<gen>:``)::
-
-    pm:<name>            the run's current generation (``forget`` deletes it)
-    pm:<name>:next:<g>   the generation that replaced the complete run ``g``
-    P total|done|failed  counters (created with the generation; missing = lost)
-    P seq                counter that numbers jobs queued from outside any job
-    P gap:<path>         paths from <path> on, this many, that an outside enqueue left unused
-    P root               path of the first job queued from outside any job
-    P cancel             present once the run is cancelled
-    P t                  when the generation started (``packmule._registry`` keeps the list of runs)
-    P v:<path>           the job's value record; its add is the job's completion
-    P cm:<path>          the job's enqueues were committed (its add counts total once)
-    P n:<path>           a continuation's arrived-inputs counter
-    P spec:<path>        a continuation's method, inputs and links
-    P try:<path>         failed attempts of a job
-    P f:<k>              path of the k-th failed job (for ``packmule status``)
-    pm-blob:<digest>     a pickled runner, stored once per state
-    pm-rejected:<keyid>  "<time> <worker key id>": workers refused jobs signed by that secret
+"""A run's state in the store: the reads and writes the driver makes (start
+or join a run, read progress, read values).  The keys are ``packmule._keys``'s.
 
 Value records (signed pickles): ``('ok', value)``, ``('ref', job id)``,
 ``('err', failure info)``, ``('gone',)`` (consumed, not recorded), ``('void',)``
@@ -28,67 +9,20 @@ Value records (signed pickles): ``('ok', value)``, ``('ref', job id)``,
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from packmule._codec import Signer
 from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
+from packmule._keys import COUNTERS, job_id, pointer, prefix, rejected_key, value_key
 from packmule._registry import note_run
 from packmule._spill import gather
 from packmule._types import JobRef, Progress
 from packmule._wire import shard
 from packmule.backends.base import Backend, Store
 
-NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
 GONE = ("gone",)
 VOID = ("void",)  # the value of a job whose enqueue failed: it never counts, and a stray copy never runs
-
-
-def check_name(name: str, what: str = "run name") -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
-    if not NAME_RE.match(name):
-        raise ValueError(
-            f"{what} {name!r} is not allowed: use 1 to 200 characters of letters, digits and _ - . :"
-        )
-    return name
-
-
-def prefix(name: str, gen: str) -> str:
-    return f"pm:{name}:{gen}:"
-
-
-def blob_key(digest: str) -> str:
-    return f"pm-blob:{digest}"
-
-
-def rejected_key(key_id: str) -> str:
-    """Where workers note that they refused jobs signed by the secret with this key id."""
-    return f"pm-rejected:{key_id}"
-
-
-def job_id(name: str, gen: str, path: str) -> str:
-    return f"{name}/{gen}/{path}"
-
-
-def value_key(ref_id: str) -> str:
-    name, gen, path = ref_id.split("/")
-    return f"{prefix(name, gen)}v:{path}"
-
-
-def value_keys(ref_ids: Sequence[str]) -> list[str]:
-    """``value_key`` of each id; the run's part of the key is built once per run."""
-    heads: dict[str, str] = {}  # 'name/gen' -> 'pm:name:gen:v:'
-    out = []
-    for ref_id in ref_ids:
-        head, _, path = ref_id.rpartition("/")
-        key_head = heads.get(head)
-        if key_head is None:
-            name, gen = head.split("/")
-            key_head = heads[head] = prefix(name, gen) + "v:"
-        out.append(key_head + path)
-    return out
 
 
 def new_gen() -> str:
@@ -101,7 +35,7 @@ class RunState:
     def __init__(self, backend: Backend, signer: Signer, name: str, ttl: float) -> None:
         self.backend, self.signer, self.name, self.ttl = backend, signer, name, ttl
         self.store = backend.store
-        self.pointer = f"pm:{name}"
+        self.pointer = pointer(name)
 
     # --- generations -------------------------------------------------------
     def current_gen(self) -> str | None:
@@ -122,7 +56,7 @@ class RunState:
             progress = self.progress(gen, missing_ok=True)
             if progress is None or progress.complete:
                 fresh = self._create_gen()
-                successor = f"pm:{self.name}:next:{gen}"
+                successor = prefix(self.name, gen) + "next"
                 if self.store.add_many({successor: fresh.encode()}, self.ttl):
                     note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
                     self.store.set_many({self.pointer: fresh.encode()}, self.ttl)
@@ -155,7 +89,7 @@ class RunState:
         """The keys of the run's ``done``, ``total`` and ``failed`` counters, in
         that order (``progress_of`` reads them from a bulk get)."""
         p = prefix(self.name, gen)
-        return [p + "done", p + "total", p + "failed"]
+        return [p + c for c in COUNTERS]
 
     def cancelled(self, gen: str) -> bool:
         key = prefix(self.name, gen) + "cancel"

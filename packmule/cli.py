@@ -17,8 +17,9 @@ import time
 
 from packmule import _cluster_worker, _config
 from packmule._errors import PackMuleError
+from packmule._keys import check_name, job_id, prefix
 from packmule._runner import Runner, signer_for
-from packmule._state import check_name, job_id, prefix, records
+from packmule._state import records
 
 
 def status(name: str) -> int:

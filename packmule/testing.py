@@ -41,9 +41,10 @@ import pytest
 
 from packmule import _config, _runner
 from packmule._errors import JobFailed
+from packmule._keys import job_id, prefix
 from packmule._runner import Runner, signer_for
 from packmule._spill import gather
-from packmule._state import job_id, prefix, records
+from packmule._state import records
 from packmule._types import JobRef, Progress
 from packmule.backends.base import Backend
 

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from packmule import _config
-from packmule._state import NAME_RE
+from packmule._keys import NAME_RE
 from packmule.web import _pages
 from packmule.web._metrics import exposition
 from packmule.web._security import Guard
