@@ -3,7 +3,9 @@ multiprocessing's ``fork`` start method) runs and waits on runs of its own with
 the parent's backend object and Runners, while the parent goes on with its own;
 every answer is the asker's.  Real forks of the test process; each child has an
 alarm and the parent waits on everything with a deadline, so a crossed or dead
-connection fails the test instead of hanging it."""
+connection fails the test instead of hanging it.  The backend object each test
+forks with is its own (``for_thread``: its own connections, where the backend
+has them), so one whose connection a child crossed breaks no other test."""
 
 from __future__ import annotations
 
@@ -23,12 +25,21 @@ import pytest
 
 import packmule
 
+from .harness import Harness
 from .runners import Tree
 
 WAIT = 20  # s a child or the parent gets for its runs: far beyond what they need
 FORK = multiprocessing.get_context("fork")
 FORK_WITH_THREADS = "ignore:This process .* is multi-threaded:DeprecationWarning"  # Python >= 3.12
 pytestmark = pytest.mark.filterwarnings(FORK_WITH_THREADS)
+
+
+@pytest.fixture
+def backend(harness: Harness) -> Any:
+    own = harness.backend.for_thread()
+    yield own
+    if own is not harness.backend:
+        own.close()
 
 
 # --- what each process runs ------------------------------------------------------------------------

@@ -132,6 +132,11 @@ DEFECTS = [
     Defect("bury makes the job ready again", "backends/local/core.py",
            "                del self.reserved[handle[0]]\n                self.buried.add(handle[0])",
            "                del self.reserved[handle[0]]\n                self.ready.append(handle[0])"),
+    Defect("a fork child talks on its parent's coordinator connection", "backends/local/client.py",
+           "        self.store = _ClientStore(self)\n        forget_at_fork(self)\n",
+           "        self.store = _ClientStore(self)\n"),
+    Defect("a fork child gets no progress pusher of its own", "packmule/_runner.py",
+           "(self._pm_pusher is None or not self._pm_pusher.is_alive())", "self._pm_pusher is None"),
 ]
 
 
