@@ -45,6 +45,17 @@ _cache: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
 _cache_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A fork child keeps the cached backends (a Runner made before the fork
+    holds its backend anyway: each backend makes the child connections of its
+    own), but not the lock, which a thread of the parent may have held."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def state_ttl(env: Mapping[str, str] | None = None) -> float:
     env = os.environ if env is None else env
     raw = env.get("PACKMULE_STATE_TTL", "")

@@ -5,7 +5,8 @@ that started it, so that driver is where its dashboard must be served.  When
 ``PACKMULE_DASHBOARD_PORT`` is set, the first run this process starts from
 outside any job serves ``packmule.web`` on that loopback port, once per
 process, and says where on stderr.  Worker processes (which inherit the
-variable) never serve it: their enqueues run inside a job.  The web extra is
+variable) never serve it: their enqueues run inside a job; nor does a fork
+child of a process that serves it.  The web extra is
 imported only then, so the core of packmule never needs it.
 """
 
@@ -27,6 +28,19 @@ log = logging.getLogger("packmule")
 
 _served: dict[int, str] = {}  # pid -> the URL this process serves the dashboard at (or why not)
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A fork child of a process that serves the dashboard does not serve it: the
+    dashboard (its thread is not the child's) stays the parent's, at its port."""
+    global _lock
+    _lock = threading.Lock()
+    parent = next(iter(_served.values()), None)
+    if parent is not None:
+        _served[os.getpid()] = f"not served by this fork child; its parent's: {parent}"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def serve_from_driver(backend: Backend) -> None:

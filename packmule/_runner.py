@@ -49,7 +49,8 @@ RECOUNT_LOCK_TIMEOUT = 60.0  # s to wait while another process recounts the same
 RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
-_stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored
+_stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored (a fork child
+#                                               keeps it: what its parent stored is in the same store)
 
 
 @functools.cache
@@ -414,7 +415,8 @@ class Runner:
     def current_progress(self) -> Progress:
         """With push_progress_updates: kept fresh in the background; otherwise the
         value last read by update_progress()."""
-        if self.push_progress_updates and self._pm_pusher is None:
+        # (threads do not survive a fork: a child's first read starts its own)
+        if self.push_progress_updates and (self._pm_pusher is None or not self._pm_pusher.is_alive()):
             self._pm_pusher = threading.Thread(target=_push, args=(weakref.ref(self),), daemon=True,
                                                name=f"packmule-progress-{self.name}")
             self._pm_pusher.start()

@@ -92,9 +92,9 @@ DEFECTS = [
     Defect("queue never enforces time-to-run (core; the watchdog stays)", "backends/local/core.py",
            "if held is not None and held[0] == token and held[1] <= now:",
            "if False:"),
-    Defect("lock excludes only within one process", "backends/local/__init__.py",
+    Defect("lock excludes only within one process", "backends/local/client.py",
            "def _lock(", _THREAD_LOCK),
-    Defect("lock excludes only within one process", "backends/local/__init__.py",
+    Defect("lock excludes only within one process", "backends/local/client.py",
            "    return _filelock(path, name, timeout)", "    return _thread_lock(name, timeout)"),
     Defect("lapsed ack deletes the job another consumer holds", "backends/local/core.py", _ACK_OLD,
            "            for handle in handles:\n                if handle[0] in self.reserved:\n"
@@ -153,6 +153,11 @@ DEFECTS = [
     Defect("spilled chunks joined in reverse", "packmule/_spill.py",
            'out[key] = b"".join(got[chunk] for chunk in chunks)',
            'out[key] = b"".join(got[chunk] for chunk in reversed(chunks))'),
+    Defect("a fork child talks on its parent's coordinator connection", "backends/local/client.py",
+           "        self.store = _ClientStore(self)\n        forget_at_fork(self)\n",
+           "        self.store = _ClientStore(self)\n"),
+    Defect("a fork child gets no progress pusher of its own", "packmule/_runner.py",
+           "(self._pm_pusher is None or not self._pm_pusher.is_alive())", "self._pm_pusher is None"),
 ]
 
 

@@ -125,7 +125,7 @@ def test_a_coordinator_that_never_answers_the_handshake_is_reported_not_waited_o
 
     from packmule._errors import BackendUnavailable
 
-    monkeypatch.setattr(local, "CONNECT_TIMEOUT", 0.5)
+    monkeypatch.setattr(local.client, "CONNECT_TIMEOUT", 0.5)
     address = str(tmp_path / "mute.sock")
     with socket.socket(socket.AF_UNIX) as mute:  # takes connections, never speaks
         mute.bind(address)

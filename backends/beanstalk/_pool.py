@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from packmule._config import split_servers
 from packmule._errors import BackendUnavailable
+from packmule._fork import forget_at_fork
 
 
 class Servers(NamedTuple):
@@ -113,23 +113,3 @@ class ThreadConnections(Generic[C]):
         for conn in inherited:
             conn.close()
 
-
-class ForkAware(Protocol):
-    def _forget_inherited(self) -> None: ...
-
-
-_fork_aware: weakref.WeakSet[ForkAware] = weakref.WeakSet()
-
-
-def forget_at_fork(obj: ForkAware) -> None:
-    """Call ``obj._forget_inherited()`` in every child that ``os.fork`` makes,
-    before the child runs anything else (while ``obj`` lives)."""
-    _fork_aware.add(obj)
-
-
-def _after_fork_in_child() -> None:
-    for obj in list(_fork_aware):
-        obj._forget_inherited()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

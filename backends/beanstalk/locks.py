@@ -31,7 +31,9 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.lock import Lock
 
-from ._pool import Servers, forget_at_fork
+from packmule._fork import forget_at_fork
+
+from ._pool import Servers
 
 log = logging.getLogger("packmule.backends.beanstalk")
 

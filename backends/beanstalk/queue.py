@@ -27,6 +27,8 @@ from typing import Any
 
 import greenstalk
 
+from packmule._fork import forget_at_fork
+
 from ..base import Put, Queue, QueueStats, Reserved
 from ._pool import Servers, ThreadConnections
 
@@ -231,9 +233,15 @@ class Keeper:
     command that changes nothing (``list-tube-used``) on each connection that
     holds a job, just after the job's deadline, and once more a second later.
     (A process that is stopped sends nothing: ``packmule worker`` ends a worker
-    process stopped past its deadline.)"""
+    process stopped past its deadline.)  A fork child has a keeper of its own:
+    its parent's connections and thread are not the child's."""
 
     def __init__(self) -> None:
+        self._forget_inherited()
+        forget_at_fork(self)
+
+    def _forget_inherited(self) -> None:
+        """(Also run in a fork child: the parent's thread is gone, and its lock may be held.)"""
         self._lock = threading.Lock()
         self._conns: dict[int, _Connection] = {}
         self._thread: threading.Thread | None = None
