@@ -2,7 +2,7 @@
 
     python benchmarks/soak.py --backend local|beanstalk --minutes N
                               [--seed S] [--kill-every SECONDS] [--concurrency C]
-                              [--deadline SECONDS] [--kinds tree,retried,...]
+                              [--deadline SECONDS] [--kinds tree,retried,...] [--load N]
 
 Starts the backend through the conformance harness (``local``: a coordinator
 and 2 worker processes; ``beanstalk``: beanstalkd, memcached and ZooKeeper on
@@ -30,11 +30,20 @@ seconds (0.5x to 1.5x, at random): only the harness's job processes, never the
 coordinator or the ``packmule worker`` supervisor (both replace the dead).  On
 the cluster it also restarts beanstalkd once (--restarts), on its binlog.
 
+While a run is waited on, a watcher thread reads its progress every 20 ms
+(``soak_watch.py``), and each progress the driver reads is checked too: at no
+moment may ``done`` exceed ``total``.  A run's first read that does is printed
+at once (``OVER <run>: done D > total T ...``) with the run's tree as the store
+has it then (counters, value records, commit markers, continuations' arrived
+counts); the run counts as *over*.  A hang is printed with its tree too.
+``--load N`` starts N CPU hogs of its own (``while True: pass``, killed by PID
+at the end): the races of a commit show under load; a quiet machine hides them.
+
 Each mismatch and hang is printed on its own line, then one summary line:
 
-    soak local: 10.0 min, runs 412, jobs 123456, kills 97, restarts 0, refused 0, mismatches 0, hangs 0
+    soak local: 10.0 min, runs 412, jobs 123456, kills 97, restarts 0, refused 0, mismatches 0, hangs 0, over 0
 
-The exit status is 1 if there was any mismatch or hang.
+The exit status is 1 if there was any mismatch, hang or over.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ sys.path.insert(0, ROOT)  # benchmarks.soak_runners, for this process and the lo
 
 import packmule  # noqa: E402
 from benchmarks.soak_runners import Soak, expected_big, expected_tree, leaf_value  # noqa: E402
+from benchmarks.soak_watch import Watcher, describe, start_hogs, stop_hogs  # noqa: E402
 from conformance.harness import Harness, beanstalk_harness, local_harness  # noqa: E402
 
 KINDS = {"tree": 3, "tree_file": 1, "retried": 2, "doomed": 1, "slow": 1, "big": 1, "fanin": 2}  # weights
@@ -129,6 +139,12 @@ class Driver:
         self.tally: Counter[str] = Counter()
         self.by_kind: Counter[tuple[str, str]] = Counter()
         self.problems: list[str] = []
+        self.watcher = Watcher(self.say)
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            self.problems.append(text)
+        print(text, file=sys.stderr, flush=True)
 
     # --- the workload -------------------------------------------------------------
     def next_plan(self) -> Plan:
@@ -150,10 +166,8 @@ class Driver:
                 self.tally["jobs"] += plan.total
                 self.tally[outcome] += 1
                 self.by_kind[(plan.kind, outcome)] += 1
-                if outcome in ("mismatch", "hang"):
-                    line = f"{outcome.upper()} {plan.name} {plan.method}{short(plan.args, 120)}: {detail}"
-                    self.problems.append(line)
-                    print(line, file=sys.stderr, flush=True)
+            if outcome in ("mismatch", "hang"):
+                self.say(f"{outcome.upper()} {plan.name} {plan.method}{short(plan.args, 120)}: {detail}")
 
     def run(self, plan: Plan) -> tuple[str, str]:
         """Start the run (again under a new name while a server refuses), wait, check; forget it."""
@@ -163,7 +177,8 @@ class Driver:
             runner.scratch = self.scratch
             runner.wait_timeout = self.args.deadline  # the fanin's blocking deferred_result
             try:
-                outcome, detail = self.start_and_check(runner, plan, deadline)
+                with self.watcher.watching(runner):
+                    outcome, detail = self.start_and_check(runner, plan, deadline)
             except Exception as exc:  # a bug of the soak or an error nobody expects: say so, go on
                 outcome, detail = "mismatch", f"the driver raised {type(exc).__name__}: {short(str(exc), 400)}"
             self.cleanup(runner)
@@ -183,23 +198,25 @@ class Driver:
             else:
                 runner.enqueue(plan.method, *plan.args)
         except packmule.BackendUnavailable as exc:  # a server is down: the run starts again
+            self.progress_of(runner)  # (what the take-back of the jobs not queued left)
             return "refused", f"{type(exc).__name__}: {exc}"
         if plan.kind == "fanin":
             try:
                 value = runner.deferred_result("total", refs)
             except Exception as exc:
-                return "hang", f"blocking deferred_result raised {type(exc).__name__}: {exc}; {progress_of(runner)}"
+                return self.hang(runner, "blocking deferred_result", exc)
             try:  # the counts, once the run is complete (a wait recounts one a kill left short)
                 progress = runner.wait(timeout=max(1.0, deadline - time.monotonic()))
             except Exception as exc:
-                return "hang", f"wait raised {type(exc).__name__}: {short(str(exc), 400)}; {progress_of(runner)}"
+                return self.hang(runner, "wait", exc)
             got: Any = value
         else:
             try:
                 progress = runner.wait(timeout=max(1.0, deadline - time.monotonic()))
             except Exception as exc:
-                return "hang", f"wait raised {type(exc).__name__}: {short(str(exc), 400)}; {progress_of(runner)}"
+                return self.hang(runner, "wait", exc)
             got = self.root_value(runner, plan)
+        self.watcher.check(runner, progress, "driver's wait")
         counts = (progress.done, progress.total, progress.failed)
         want = (plan.total, plan.total, plan.failed)
         if counts != want:
@@ -209,6 +226,12 @@ class Driver:
         if plan.kind == "retried":
             return self.check_tries(plan)
         return "ok", ""
+
+    def hang(self, runner: Soak, what: str, exc: Exception) -> tuple[str, str]:
+        """A wait that raised: what it said, the progress, and the run's tree."""
+        gen = self.watcher.gen_of(runner)
+        tree = "\n" + describe(runner, gen) if gen else ""
+        return "hang", f"{what} raised {type(exc).__name__}: {short(str(exc), 400)}; {self.progress_of(runner)}{tree}"
 
     def root_value(self, runner: Soak, plan: Plan) -> Any:
         """What the run produced: its root's value, the file it wrote, or the error it raised."""
@@ -284,15 +307,16 @@ class Driver:
     def report_now(self, start: float) -> None:
         t = self.tally
         print(f"[{time.monotonic() - start:6.0f}s] runs {t['runs']}, kills {t['kills']}, restarts {t['restarts']}, "
-              f"refused {t['refused']}, mismatches {t['mismatch']}, hangs {t['hang']}", file=sys.stderr, flush=True)
+              f"refused {t['refused']}, mismatches {t['mismatch']}, hangs {t['hang']}, over {len(self.watcher.over)}",
+              file=sys.stderr, flush=True)
 
-
-def progress_of(runner: Soak) -> str:
-    try:
-        p = runner.update_progress()
+    def progress_of(self, runner: Soak) -> str:
+        try:
+            p = runner.update_progress()
+        except Exception as exc:
+            return f"progress unreadable ({type(exc).__name__}: {exc})"
+        self.watcher.check(runner, p, "driver")
         return f"progress {p} failed {p.failed}"
-    except Exception as exc:
-        return f"progress unreadable ({type(exc).__name__}: {exc})"
 
 
 def soak(harness: Harness, args: argparse.Namespace) -> int:
@@ -314,6 +338,7 @@ def soak(harness: Harness, args: argparse.Namespace) -> int:
                              name="chaos", daemon=True)
     drivers = [threading.Thread(target=s.driver, name=f"driver-{i}", daemon=True) for i in range(args.concurrency)]
     chaos.start()
+    s.watcher.start()
     for d in drivers:
         d.start()
     try:
@@ -326,6 +351,7 @@ def soak(harness: Harness, args: argparse.Namespace) -> int:
             d.join(args.deadline * 3)
         s.drained.set()
         chaos.join(60)
+        s.watcher.close()
         shutil.rmtree(scratch, ignore_errors=True)
     minutes = (time.monotonic() - start) / 60
     kinds = ", ".join(f"{k} {s.by_kind[(k, 'ok')]}/{sum(s.by_kind[(k, o)] for o in ('ok', 'mismatch', 'hang'))}"
@@ -335,8 +361,10 @@ def soak(harness: Harness, args: argparse.Namespace) -> int:
     print(f"ok per kind: {kinds}")
     t = s.tally
     print(f"soak {args.backend}: {minutes:.1f} min, runs {t['runs']}, jobs {t['jobs']}, kills {t['kills']}, "
-          f"restarts {t['restarts']}, refused {t['refused']}, mismatches {t['mismatch']}, hangs {t['hang']}")
-    return 1 if t["mismatch"] or t["hang"] or any(p.startswith("RESTART") for p in s.problems) else 0
+          f"restarts {t['restarts']}, refused {t['refused']}, mismatches {t['mismatch']}, hangs {t['hang']}, "
+          f"over {len(s.watcher.over)}")
+    failed = t["mismatch"] or t["hang"] or s.watcher.over or any(p.startswith("RESTART") for p in s.problems)
+    return 1 if failed else 0
 
 
 def main() -> None:
@@ -349,6 +377,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds a run may take before it is a hang")
     ap.add_argument("--restarts", type=int, default=None, help="beanstalkd restarts (default 1 on beanstalk)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"run kinds to mix (default {','.join(KINDS)})")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="CPU hogs of its own to run beside the soak (0: none)")
     ap.add_argument("--log-level", default="ERROR", help="of this process's packmule logger")
     ap.add_argument("--worker-log-level", default="ERROR", help="of the worker processes")
     args = ap.parse_args()
@@ -357,7 +387,11 @@ def main() -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     harness = local_harness() if args.backend == "local" else beanstalk_harness()
     with harness as h:
-        code = soak(h, args)
+        hogs = start_hogs(args.load)
+        try:
+            code = soak(h, args)
+        finally:
+            stop_hogs(hogs)
     sys.exit(code)
 
 
