@@ -103,3 +103,12 @@ class Faulty(packmule.Runner):
             time.sleep(0.3)  # (their commits)
             _engine.FAULTS[point] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x
+
+    def waits_then_hands_off(self, width: int, started: str, go: str) -> Any:
+        """Says it started, waits for the file ``go`` (10 s at most), then returns
+        a continuation of ``width`` jobs (its value is the continuation's)."""
+        note(started, str(os.getpid()))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.deferred_result("total", [self.enqueue("fine", i) for i in range(width)])

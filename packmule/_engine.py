@@ -142,7 +142,7 @@ class Counts(NamedTuple):
     """What a commit counts, from the adds it won (``Engine._count``)."""
 
     deltas: dict[str, int]  # counter key -> increment
-    handoffs: dict[str, bytes]  # value key -> record: a continuation's value handed to its jobs; consumed inputs
+    handoffs: dict[str, bytes]  # value key -> record: consumed inputs (record=False), marked gone
     fire: dict[str, tuple[int, Task]]  # n: key -> (inputs expected, the continuation to queue when reached)
     failed_paths: dict[str, list[str]]  # run prefix -> paths of the jobs that failed for good
 
@@ -469,9 +469,9 @@ class Engine:
     # --- committing --------------------------------------------------------------
     def commit(self, outcomes: list[Outcome]) -> None:
         """Commit a batch's effects, in the order that loses nothing when the
-        worker dies anywhere: values (the adds that decide which execution
-        completes a job), the hand-offs of completed continuations, the counts,
-        the failure list, then the queue (children, ready continuations, acks)."""
+        worker dies anywhere: values and the hand-offs of completed continuations
+        (the adds that decide which execution completes a job), the counts, the
+        failure list, then the queue (children, ready continuations, acks)."""
         self.watchdog.settle()
         self._settle_raised(outcomes)
         adds, valued, enqueued = self._stage(outcomes)
@@ -479,7 +479,7 @@ class Engine:
         if FAULTS:
             _fault("after_add")
         counts = self._count(won, valued, enqueued)
-        if counts.handoffs:  # before the counts: a run whose done reaches total has its values
+        if counts.handoffs:  # inputs consumed (marked gone) before the counts: the run is as it ends when complete
             self.store.set_many(counts.handoffs, self.ttl)
         results = self.store.incr_many(counts.deltas) if counts.deltas else {}
         if FAULTS:
@@ -513,7 +513,10 @@ class Engine:
                                                        list[Outcome]]:
         """What the batch adds to the store: each completed job's value record,
         and for a job that enqueued, its commit marker, runner blobs and its
-        continuations' specs.  Also which outcomes store a value, and which enqueued."""
+        continuations' specs; for a continuation, the reference to its value
+        that each job that returned it gets (after the values: a reader that
+        finds the reference finds the value).  Also which outcomes store a
+        value, and which enqueued."""
         adds: dict[str, bytes | int] = {}
         valued: list[tuple[str, Outcome]] = []  # (value key, outcome) of those that store a value
         enqueued: list[Outcome] = []  # those that enqueued jobs or continuations
@@ -536,12 +539,20 @@ class Engine:
                 valued.append((p + "v:" + t.path, o))
         adds.update(zip([key for key, _ in valued], self.signer.sign_many(map(self._stored, valued)),
                         strict=True))
+        for _, o in valued:
+            if o.spec is not None and o.spec.finishes:
+                ref = self.signer.dumps(self._ref(o.task))
+                adds.update((o.p + "v:" + path, ref) for path, _ in o.spec.finishes)
         return adds, valued, enqueued
+
+    def _ref(self, t: Task) -> tuple[str, str]:
+        return ("ref", job_id(t.name, t.gen, t.path))
 
     def _count(self, won: set[str], valued: list[tuple[str, Outcome]], enqueued: list[Outcome]) -> Counts:
         """The counts the adds this worker won stand for: ``total`` for the
         children of a job whose enqueues it committed first; ``done``/``failed``
-        and the watchers' arrived counters for the jobs it completed first."""
+        and the watchers' arrived counters for the jobs it completed first (a
+        continuation: those it finishes, whose reference it added or found)."""
         c = Counts(defaultdict(int), {}, {}, defaultdict(list))
         finished: dict[str, int] = defaultdict(int)  # run prefix -> jobs done for good
         for o in enqueued:
@@ -549,6 +560,7 @@ class Engine:
             if o.ctx is not None and o.ctx.children and key in won:
                 won.discard(key)  # a job twice in one batch counts once
                 c.deltas[o.p + "total"] += len(o.ctx.children)
+        handed = self._handed(won, valued)
         for key, o in valued:
             if key not in won:
                 continue  # another execution completed this job
@@ -562,12 +574,10 @@ class Engine:
                     c.failed_paths[p].append(t.path)
                 watchers: Sequence[tuple[str, int]] = t.watchers
             else:  # a continuation finishes the jobs that handed their value to it
-                jobs = [path for path, is_job in o.spec.finishes if is_job]
+                jobs = [path for path, is_job in o.spec.finishes if is_job and p + "v:" + path in handed]
                 finished[p] += len(jobs)
                 if failed:
                     c.failed_paths[p] += jobs
-                ref = self.signer.dumps(("ref", job_id(t.name, t.gen, t.path)))
-                c.handoffs.update((p + "v:" + path, ref) for path, _ in o.spec.finishes)
                 watchers = o.spec.watchers
             for w_path, expected in watchers:
                 c.deltas[p + "n:" + w_path] += 1
@@ -580,6 +590,24 @@ class Engine:
         for p, paths in c.failed_paths.items():
             c.deltas[p + "failed"] += len(paths)
         return c
+
+    def _handed(self, won: set[str], valued: list[tuple[str, Outcome]]) -> set[str]:
+        """The value keys of the jobs that the continuations this batch completed
+        first finish: those whose reference this batch added, and those where
+        another execution of the continuation added it first.  Not one whose
+        value was there before (void: its enqueue was taken back; or a value of
+        its own an earlier execution stored and counted)."""
+        refs: dict[str, tuple[str, str]] = {}
+        for key, o in valued:
+            if o.spec is not None and key in won:
+                refs.update((o.p + "v:" + path, self._ref(o.task)) for path, _ in o.spec.finishes)
+        handed = {key for key in refs if key in won}
+        lost = [key for key in refs if key not in won]
+        for key, raw in gather(self.store, self.signer, self.store.get_many(lost)).items() if lost else ():
+            with contextlib.suppress(Exception):  # (a value that cannot be read is not this reference)
+                if self.signer.loads(raw) == refs[key]:
+                    handed.add(key)
+        return handed
 
     def commit_safely(self, outcomes: list[Outcome]) -> None:
         """``commit``; if the store or the queue refuses what a batch produced (not

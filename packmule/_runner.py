@@ -239,9 +239,11 @@ class Runner:
              by_server: dict[str, tuple[list[Put], list[str]]]) -> None:
         """Queue the puts of an outside enqueue, server by server, its jobs
         counted in ``total`` already.  If a put fails, the jobs of that server and
-        of those not reached are taken back: their count comes off ``total`` and
-        each gets a void value (should a failed put have queued some, they find
-        their value taken and count nothing).  Then the error is raised."""
+        of those not reached are taken back: each gets a void value (should a
+        failed put have queued some, they find their value taken and count
+        nothing), and the count of those whose void this call added comes off
+        ``total``.  A job whose value was there first was queued after all, and
+        a worker completed it: it stays counted.  Then the error is raised."""
         servers = list(by_server)
         done = 0
         try:
@@ -254,14 +256,17 @@ class Runner:
             lost = [path for server in servers[done:] for path in by_server[server][1]]
             try:
                 void = state.signer.dumps(VOID)
-                backend.store.add_many({p + "v:" + path: void for path in lost}, state.ttl)
-                backend.store.incr_many({p + "total": -len(lost)})
+                voided = backend.store.add_many({p + "v:" + path: void for path in lost}, state.ttl)
+                if voided:
+                    backend.store.incr_many({p + "total": -len(voided)})
             except Exception as undo:
                 exc.add_note(f"packmule could not take back the count of the {len(lost)} jobs not queued "
                              f"({undo!r}): run {self.name!r} will not complete; forget() it")
                 raise
-            exc.add_note(f"run {self.name!r}: none of the {len(lost)} jobs of this call that were not queued "
-                         "is counted; the run's progress is as it was before the call")
+            ran = len(lost) - len(voided)
+            exc.add_note(f"run {self.name!r}: none of the {len(voided)} jobs of this call that were not queued "
+                         "is counted" + (f"; {ran} more were queued after all, ran and count" if ran else
+                                         "; the run's progress is as it was before the call"))
             raise
 
     def _check_sizes(self, method: str, chunks: list[Entries], entries: list[bytes], runner_blob: bytes) -> None:

@@ -1,0 +1,85 @@
+"""An outside enqueue whose put failed takes back only the jobs that did not
+run, and a job taken back never counts: at no moment is ``done`` over ``total``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import packmule
+from packmule._keys import prefix
+
+from .faulty import Faulty
+from .runners import lines
+
+WAIT = 30  # s: far beyond each run's need (a killed worker is replaced in a few seconds)
+
+
+def read_until_complete(runner: packmule.Runner, timeout: float = WAIT) -> tuple[packmule.Progress, list[str]]:
+    """Read the run's progress every 10 ms until it is complete; the last read,
+    and every read that had ``done`` over ``total``."""
+    deadline = time.monotonic() + timeout
+    over: list[str] = []
+    while True:
+        progress = runner.update_progress()
+        if progress.done > progress.total:
+            over.append(str(progress))
+        if progress.complete or time.monotonic() > deadline:
+            return progress, over
+        time.sleep(0.01)
+
+
+def _failing_put(backend: packmule.backends.base.Backend, monkeypatch: pytest.MonkeyPatch,
+                 until: object) -> None:
+    """Make the queue's next put queue its jobs, wait for ``until()``, then raise
+    BackendUnavailable, as a server that failed after it took them would."""
+    real = backend.queue.put_many
+
+    def put_then_fail(jobs):  # type: ignore[no-untyped-def]
+        real(jobs)
+        deadline = time.monotonic() + WAIT
+        while not until():  # type: ignore[operator]
+            assert time.monotonic() < deadline, "the queued job did not get that far"
+            time.sleep(0.01)
+        raise packmule.BackendUnavailable("the server failed after it queued the jobs (a test)")
+
+    monkeypatch.setattr(backend.queue, "put_many", put_then_fail)
+
+
+def test_an_enqueue_whose_put_failed_after_its_job_ran_keeps_counting_that_job(backend, monkeypatch):
+    # Given an outside enqueue whose put queued the job, which a worker ran,
+    # and then raised
+    runner = Faulty(backend=backend)
+    _failing_put(backend, monkeypatch, lambda: runner.update_progress().done >= 1)
+    with pytest.raises(packmule.BackendUnavailable):
+        runner.enqueue("fine", 1)
+    monkeypatch.undo()
+    # Then the take-back leaves that job counted: it ran and is done
+    progress = runner.update_progress()
+    assert (progress.done, progress.total, progress.failed) == (1, 1, 0)
+
+
+def test_a_taken_back_job_that_was_running_and_returned_a_continuation_is_not_counted_done(
+        backend, monkeypatch, tmp_path):
+    # Given an outside enqueue whose put queued the job and then raised while
+    # the job ran: it is taken back (void) while it runs, and then it returns a
+    # continuation of 3 jobs
+    runner = Faulty(backend=backend)
+    started, go = str(tmp_path / "started"), tmp_path / "go"
+    _failing_put(backend, monkeypatch, lambda: bool(lines(started)))
+    with pytest.raises(packmule.BackendUnavailable):
+        runner.enqueue("waits_then_hands_off", 3, started, str(go))
+    monkeypatch.undo()
+    go.touch()
+    # Then its children count, and it does not when its continuation completes:
+    # it was taken back from total
+    progress, over = read_until_complete(runner)
+    assert over == [] and progress.complete
+    continuation = prefix(runner.name, runner._gen() or "") + "v:0.3"  # (its 3 children are 0.0 .. 0.2)
+    deadline = time.monotonic() + WAIT
+    while continuation not in backend.store.get_many([continuation]):
+        assert time.monotonic() < deadline, "the continuation did not complete"
+        time.sleep(0.01)
+    progress = runner.update_progress()
+    assert (progress.done, progress.total, progress.failed) == (3, 3, 0)
