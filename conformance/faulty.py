@@ -104,6 +104,18 @@ class Faulty(packmule.Runner):
             _engine.FAULTS[point] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x
 
+    # --- a commit cut short, then its job run again (packmule._recovery) ------------
+    def enqueues_then_dies(self, width: int, path: str) -> int:
+        """Queues ``width`` jobs and returns; the first time, its worker is killed
+        in the commit right after the adds: the value and the commit marker are
+        stored, but neither the job nor its children are counted yet."""
+        if not lines(path):
+            note(path, str(os.getpid()))
+            _engine.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        for i in range(width):
+            self.enqueue("fine", i)
+        return width
+
     def waits_then_hands_off(self, width: int, started: str, go: str) -> Any:
         """Says it started, waits for the file ``go`` (10 s at most), then returns
         a continuation of ``width`` jobs (its value is the continuation's)."""

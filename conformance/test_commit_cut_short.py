@@ -1,5 +1,7 @@
-"""An outside enqueue whose put failed takes back only the jobs that did not
-run, and a job taken back never counts: at no moment is ``done`` over ``total``."""
+"""A commit cut short, and the job run again (``packmule._recovery``): at no
+moment is ``done`` over ``total``, and the run completes with exact counts.
+And an outside enqueue whose put failed takes back only the jobs that did not
+run, and a job taken back never counts."""
 
 from __future__ import annotations
 
@@ -28,6 +30,22 @@ def read_until_complete(runner: packmule.Runner, timeout: float = WAIT) -> tuple
         if progress.complete or time.monotonic() > deadline:
             return progress, over
         time.sleep(0.01)
+
+
+def test_a_job_run_again_after_its_first_worker_stored_its_enqueues_and_died_counts_them_before_they_run(
+        backend, tmp_path):
+    # Given a job whose worker is killed after it stored its value and commit
+    # marker, before it counted itself and its 20 children
+    runner = Faulty(backend=backend)
+    path = str(tmp_path / "killed")
+    runner.enqueue("enqueues_then_dies", 20, path)
+    # Then its second run counts the children in total before it queues them:
+    # no read has done over total, and the run completes exactly
+    progress, over = read_until_complete(runner)
+    assert over == []
+    assert (progress.done, progress.total, progress.failed) == (21, 21, 0)
+    assert runner.get_return_value() == 20
+    assert len(lines(path)) == 1
 
 
 def _failing_put(backend: packmule.backends.base.Backend, monkeypatch: pytest.MonkeyPatch,

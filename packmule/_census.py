@@ -4,9 +4,10 @@ stalled run.
 
 The tree is found from keys the engine writes anyway: outside jobs have the
 paths ``0 .. seq-1`` less the gaps an outside enqueue left (``gap:<path>``);
-a job that enqueued has ``cm:<path>`` = the number of positions it used, and
-its children are ``<path>.0 ..``; a position that holds a continuation has a
-``spec:<path>``.
+a job that enqueued has ``cm:<path>`` = the number of positions it used
+(``"<n> counted"`` once its children are counted in ``total``, see
+``packmule._recovery``), and its children are ``<path>.0 ..``; a position that
+holds a continuation has a ``spec:<path>``.
 
 Why a recount is needed: on a store without multi-key transactions (memcached)
 a worker killed between its commit's writes leaves the run short: its value is
@@ -22,11 +23,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from packmule._codec import Signer
-from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS
+from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, recount_lock
 from packmule._spill import gather
 from packmule._wire import Task, encode
 from packmule.backends.base import Backend, Store
@@ -35,6 +37,8 @@ log = logging.getLogger("packmule")
 
 READ = 1000  # keys a bulk read or delete carries
 SETTLE = 2.0  # s between reading a run's values and its counters, in a recount
+LOCK_TIMEOUT = 60.0  # s to wait while another process recounts the same run
+COUNTED = b" counted"  # how a commit marker ends once its children are counted in total
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -47,6 +51,22 @@ def read(store: Store, keys: Sequence[str]) -> dict[str, bytes]:
     for part in _chunks(keys):
         got.update(store.get_many(part))
     return got
+
+
+def positions(marker: bytes) -> int:
+    """The positions a commit marker (``cm:``) says its job used."""
+    return int(marker.split()[0])
+
+
+def counted(marker: bytes) -> bool:
+    """Whether a commit marker says its job's children are counted in ``total``."""
+    return marker.endswith(COUNTED)
+
+
+def lock_run(backend: Backend, name: str) -> AbstractContextManager[None]:
+    """The lock under which the run ``name`` is recounted, one process at a time."""
+    lock: AbstractContextManager[None] = backend.lock(recount_lock(name), LOCK_TIMEOUT)
+    return lock
 
 
 @dataclass
@@ -74,7 +94,7 @@ def walk(store: Store, p: str, with_values: bool) -> dict[str, Node]:
             i += int(gap)
             continue
         path = str(i)
-        nodes[path] = Node(path, got.get(p + "v:" + path), int(got.get(p + "cm:" + path, b"0")))
+        nodes[path] = Node(path, got.get(p + "v:" + path), positions(got.get(p + "cm:" + path, b"0")))
         i += 1
     level = [n for n in nodes.values() if n.positions]
     while level:
@@ -84,7 +104,7 @@ def walk(store: Store, p: str, with_values: bool) -> dict[str, Node]:
         for parent in level:
             parent.children = [f"{parent.path}.{k}" for k in range(parent.positions)]
         for path in paths:
-            nodes[path] = Node(path, got.get(p + "v:" + path), int(got.get(p + "cm:" + path, b"0")),
+            nodes[path] = Node(path, got.get(p + "v:" + path), positions(got.get(p + "cm:" + path, b"0")),
                                got.get(p + "spec:" + path))
         level = [nodes[path] for path in paths if nodes[path].positions]
     return nodes

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from packmule import _config
+from packmule import _config, _recovery
 from packmule._codec import Forged, Signer, dumps
 from packmule._errors import BackendUnavailable
 from packmule._keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
@@ -145,6 +145,7 @@ class Counts(NamedTuple):
     handoffs: dict[str, bytes]  # value key -> record: consumed inputs (record=False), marked gone
     fire: dict[str, tuple[int, Task]]  # n: key -> (inputs expected, the continuation to queue when reached)
     failed_paths: dict[str, list[str]]  # run prefix -> paths of the jobs that failed for good
+    counted: dict[str, bytes]  # cm: key -> the marker that says its children are counted in total
 
 
 class Bundle(NamedTuple):
@@ -471,7 +472,9 @@ class Engine:
         """Commit a batch's effects, in the order that loses nothing when the
         worker dies anywhere: values and the hand-offs of completed continuations
         (the adds that decide which execution completes a job), the counts, the
-        failure list, then the queue (children, ready continuations, acks)."""
+        failure list and commit markers, then the queue (children, ready
+        continuations, acks).  A job that lost the add of its commit marker makes
+        sure its children are counted before it queues them (``packmule._recovery``)."""
         self.watchdog.settle()
         self._settle_raised(outcomes)
         adds, valued, enqueued = self._stage(outcomes)
@@ -487,8 +490,20 @@ class Engine:
         for key, delta in counts.deltas.items():
             if key.endswith(("/done", "/failed")):  # (the totals a dashboard shows: jobs this worker completed)
                 STATS.counted(key.rpartition("/")[2], delta)
-        later: list[Task] = []  # children and continuations to queue
-        failures: dict[str, bytes] = {}  # f:<k> -> path of the k-th failed job of its run
+        later, failures = self._fired(results, counts)
+        if failures or counts.counted:  # the failure list; the markers that say which children total counts
+            self.store.set_many({**failures, **counts.counted}, self.ttl)
+        later += self._children(enqueued, counts.counted)
+        if log.isEnabledFor(logging.INFO):
+            log_outcomes(outcomes)
+        self._finish_queue(outcomes, later)
+
+    def _fired(self, results: dict[str, int | None], counts: Counts) -> tuple[list[Task], dict[str, bytes]]:
+        """From the counters' new values: the continuations this commit's counts
+        completed, and the failure list's entries (``f:<k>`` -> path of the k-th
+        failed job of its run)."""
+        later: list[Task] = []
+        failures: dict[str, bytes] = {}
         for key, value in results.items():
             if value is None:
                 log.warning("run state lost: counter %s is gone from the store", key)
@@ -498,16 +513,26 @@ class Engine:
                 p = key[: -len("failed")]
                 paths = counts.failed_paths[p]
                 failures.update((f"{p}f:{value - len(paths) + 1 + i}", path.encode()) for i, path in enumerate(paths))
-        if failures:
-            self.store.set_many(failures, self.ttl)
+        return later, failures
+
+    def _children(self, enqueued: list[Outcome], counted: dict[str, bytes]) -> list[Task]:
+        """The jobs and polled continuations that the jobs of ``enqueued`` queue.
+        A job that lost the add of its commit marker queues them only once
+        ``total`` surely counts them (``_recovery.ensure_counted``); if that cannot
+        be made sure of now, the job comes back later instead."""
+        unsure = [o for o in enqueued if o.ctx is not None and o.ctx.children
+                  and o.p + "cm:" + o.task.path not in counted]
+        held = _recovery.ensure_counted(self.backend, self.signer, self.ttl, unsure) if unsure else set()
+        later: list[Task] = []
         for o in enqueued:
             assert o.ctx is not None
+            if id(o) in held:
+                o.kind, o.record = "retry", (RECOMMIT_DELAY * self.delay_scale,)
+                continue
             later += o.ctx.children
             later += [self._continuation_task(o.task, path)
                       for path, spec in o.ctx.deferreds.items() if spec.counted == 0]
-        if log.isEnabledFor(logging.INFO):
-            log_outcomes(outcomes)
-        self._finish_queue(outcomes, later)
+        return later
 
     def _stage(self, outcomes: list[Outcome]) -> tuple[dict[str, bytes | int], list[tuple[str, Outcome]],
                                                        list[Outcome]]:
@@ -553,13 +578,14 @@ class Engine:
         children of a job whose enqueues it committed first; ``done``/``failed``
         and the watchers' arrived counters for the jobs it completed first (a
         continuation: those it finishes, whose reference it added or found)."""
-        c = Counts(defaultdict(int), {}, {}, defaultdict(list))
+        c = Counts(defaultdict(int), {}, {}, defaultdict(list), {})
         finished: dict[str, int] = defaultdict(int)  # run prefix -> jobs done for good
         for o in enqueued:
             key = o.p + "cm:" + o.task.path
             if o.ctx is not None and o.ctx.children and key in won:
                 won.discard(key)  # a job twice in one batch counts once
                 c.deltas[o.p + "total"] += len(o.ctx.children)
+                c.counted[key] = _recovery.mark(o.ctx.position)
         handed = self._handed(won, valued)
         for key, o in valued:
             if key not in won:

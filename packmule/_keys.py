@@ -20,7 +20,8 @@ Keys (``P`` = ``pm/<name>/<gen>/``)::
     P next               the generation that replaced this one once it completed
     P gap:<path>         paths from <path> on, this many, that an outside enqueue left unused
     P v:<path>           the job's value record; its add is the job's completion
-    P cm:<path>          the job's enqueues were committed (its add counts total once)
+    P cm:<path>          the job's enqueues were committed (its add counts total once): the
+                         positions it used; "<n> counted" once total counts its children
     P n:<path>           a continuation's arrived-inputs counter
     P spec:<path>        a continuation's method, inputs and links
     P try:<path>         failed attempts of a job

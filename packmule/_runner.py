@@ -28,7 +28,7 @@ from packmule._errors import (
     SecretMismatch,
     ValuesNotRecorded,
 )
-from packmule._keys import blob_key, check_name, parse_job_id, pointer, prefix, recount_lock, user_lock, value_keys
+from packmule._keys import blob_key, check_name, parse_job_id, pointer, prefix, user_lock, value_keys
 from packmule._methods import FRAMEWORK, refusal
 from packmule._spill import gather, spill_bodies, spill_values
 from packmule._state import GONE, VOID, RunState, progress_of, records, ref_for, unwrap
@@ -45,7 +45,6 @@ STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
 OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
-RECOUNT_LOCK_TIMEOUT = 60.0  # s to wait while another process recounts the same run
 RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
@@ -518,7 +517,7 @@ class Runner:
         one process at a time; what was fixed, or None.  ``quiet``: nothing is
         queued or running anywhere."""
         state = self._state()
-        with self.backend.lock(recount_lock(self.name), RECOUNT_LOCK_TIMEOUT):
+        with _census.lock_run(self.backend, self.name):
             return _census.recount(self.backend, state.signer, self.name, gen, prefix(self.name, gen), state.ttl,
                                    quiet)
 

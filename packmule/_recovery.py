@@ -1,0 +1,75 @@
+"""What a commit does for a job that another execution of it committed first.
+
+A job runs again when its worker died, its time_to_run passed or the queue
+server restarted, and the first execution may have stopped anywhere in its
+commit (``packmule._engine``: values, counts, then queue puts).  The adds keep
+the counts from doubling, but what the first execution may not have finished
+must be made sure of by the next one, because a dead worker leaves no sign of it:
+
+- *the count of its children in ``total``.*  A job that loses the add of its
+  commit marker (``cm:``) puts its children again, in case the first execution
+  died before it did.  It must not put a child that ``total`` does not count:
+  the child would be done before it is counted (``done > total``, and a run
+  that never completes).  The winner of the marker writes ``"<n> counted"``
+  into it right after its count; a marker without that (its winner died
+  between the add and the count, or after the count, or is still in between)
+  has the run recounted from its records first (``packmule._census``, under
+  the run's recount lock, after the settle delay that lets a live winner
+  count), and is then marked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from packmule import _census
+from packmule._codec import Signer
+from packmule._errors import BackendUnavailable
+from packmule._keys import job_id
+from packmule.backends.base import Backend
+
+if TYPE_CHECKING:
+    from packmule._engine import Outcome
+
+log = logging.getLogger("packmule")
+
+
+def mark(positions: int) -> bytes:
+    """A commit marker that says its job's children are counted in ``total``."""
+    return b"%d" % positions + _census.COUNTED
+
+
+def ensure_counted(backend: Backend, signer: Signer, ttl: float, unsure: Sequence[Outcome]) -> set[int]:
+    """Make sure ``total`` counts the children of these jobs, which lost the add
+    of their commit marker, before they are put again.  Returns the ids of the
+    outcomes that could not be made sure of now (the run's recount lock was
+    held too long, or the recount failed): their children must wait."""
+    store = backend.store
+    by_key = {o.p + "cm:" + o.task.path: o for o in unsure}
+    got = store.get_many(list(by_key))
+    runs: dict[str, list[str]] = defaultdict(list)  # run prefix -> its markers not marked counted
+    for key, o in by_key.items():
+        marker = got.get(key)
+        if marker is not None and not _census.counted(marker):  # (gone: the run's state is; nothing to count)
+            runs[o.p].append(key)
+    held: set[int] = set()
+    for p, keys in runs.items():
+        t = by_key[keys[0]].task
+        try:
+            with _census.lock_run(backend, t.name):
+                fixed = _census.recount(backend, signer, t.name, t.gen, p, ttl)
+        except BackendUnavailable:
+            raise  # (the batch goes back to the queue unacked: nothing uncounted was queued)
+        except Exception as exc:  # the lock was held too long, or the recount failed: the jobs come back later
+            log.warning("run %r: %d job(s) whose enqueues another execution committed wait: no recount now (%r)",
+                        t.name, len(keys), exc)
+            held.update(id(by_key[key]) for key in keys)
+            continue
+        log.warning("run %r: job %s ran again, and the execution that committed its enqueues first did not say "
+                    "it counted them; recounted before queueing its children: %s", t.name,
+                    job_id(t.name, t.gen, t.path), fixed or "nothing to fix")
+        store.set_many({key: mark(_census.positions(got[key])) for key in keys}, ttl)
+    return held
