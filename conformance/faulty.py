@@ -116,6 +116,33 @@ class Faulty(packmule.Runner):
             self.enqueue("fine", i)
         return width
 
+    def fan_busy(self, path: str, enqueues: bool, go: str = "") -> Any:
+        """A continuation of one input whose commit is cut short after its count
+        completed the continuation's, before it queued it (``counted_then_dies``).
+        ``enqueues``: the input also queues a job (so it runs again when delivered again)."""
+        return self.deferred_result("total", [self.enqueue("counted_then_dies", path, enqueues, go)])
+
+    def counted_then_dies(self, path: str, enqueues: bool, go: str = "") -> int:
+        """Returns 5; the first time, its worker is killed in the commit after the
+        counts, before the queue puts; with ``go``, it waits there instead (a
+        line in ``path``.paused says so) until the file ``go`` exists (20 s at most)."""
+        if not lines(path):
+            note(path, str(os.getpid()))
+            _engine.FAULTS["after_counts"] = (lambda: _pause(path + ".paused", go, 20)) if go else (
+                lambda: os.kill(os.getpid(), signal.SIGKILL))
+        if enqueues:
+            self.enqueue("fine", 1)
+        return 5
+
+    def holds(self, started: str, release: str, seconds: float) -> str:
+        """Runs until the file ``release`` exists (``seconds`` at most): a job that
+        keeps the queue from being quiet."""
+        note(started, str(os.getpid()))
+        deadline = time.monotonic() + seconds
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return "released"
+
     def waits_then_hands_off(self, width: int, started: str, go: str) -> Any:
         """Says it started, waits for the file ``go`` (10 s at most), then returns
         a continuation of ``width`` jobs (its value is the continuation's)."""
@@ -124,3 +151,11 @@ class Faulty(packmule.Runner):
         while not os.path.exists(go) and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.deferred_result("total", [self.enqueue("fine", i) for i in range(width)])
+
+
+def _pause(path: str, go: str, seconds: float) -> None:
+    """Say so in ``path``, then wait until the file ``go`` exists (``seconds`` at most)."""
+    note(path, str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -1,11 +1,13 @@
 """A commit cut short, and the job run again (``packmule._recovery``): at no
-moment is ``done`` over ``total``, and the run completes with exact counts.
-And an outside enqueue whose put failed takes back only the jobs that did not
-run, and a job taken back never counts."""
+moment is ``done`` over ``total``, and the run completes with exact counts,
+also while other runs keep the queue busy (a recount queues a lost
+continuation only when nothing at all is queued or running).  And an outside
+enqueue whose put failed takes back only the jobs that did not run."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,6 +15,7 @@ import packmule
 from packmule._keys import prefix
 
 from .faulty import Faulty
+from .harness import Harness
 from .runners import lines
 
 WAIT = 30  # s: far beyond each run's need (a killed worker is replaced in a few seconds)
@@ -32,6 +35,23 @@ def read_until_complete(runner: packmule.Runner, timeout: float = WAIT) -> tuple
         time.sleep(0.01)
 
 
+@pytest.fixture
+def busy(harness: Harness, tmp_path) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Another run whose job runs throughout the test, so that the queue is never quiet."""
+    holder = Faulty(backend=harness.backend)
+    started, release = str(tmp_path / "held"), tmp_path / "release"
+    holder.enqueue("holds", started, str(release), 2 * WAIT)
+    deadline = time.monotonic() + WAIT
+    while not lines(started):
+        assert time.monotonic() < deadline, "the holding job did not start"
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        release.touch()
+        holder.wait(timeout=WAIT)
+
+
 def test_a_job_run_again_after_its_first_worker_stored_its_enqueues_and_died_counts_them_before_they_run(
         backend, tmp_path):
     # Given a job whose worker is killed after it stored its value and commit
@@ -45,6 +65,23 @@ def test_a_job_run_again_after_its_first_worker_stored_its_enqueues_and_died_cou
     assert over == []
     assert (progress.done, progress.total, progress.failed) == (21, 21, 0)
     assert runner.get_return_value() == 20
+    assert len(lines(path)) == 1
+
+
+@pytest.mark.parametrize("enqueues", [False, True], ids=["delivered-again", "run-again"])
+def test_a_continuation_whose_notifier_died_before_queueing_it_runs_while_the_queue_is_busy(
+        backend, tmp_path, busy, enqueues):
+    # Given a continuation whose only input's worker is killed after its count
+    # completed the continuation's and before it queued it, while another run
+    # keeps the queue busy
+    runner = Faulty(backend=backend)
+    path = str(tmp_path / "killed")
+    runner.enqueue("fan_busy", path, enqueues)
+    # Then the input, delivered again (or run again), queues the continuation
+    progress, over = read_until_complete(runner)
+    assert over == []
+    assert (progress.done, progress.total, progress.failed) == ((3, 3, 0) if enqueues else (2, 2, 0))
+    assert runner.get_return_value() == 5
     assert len(lines(path)) == 1
 
 

@@ -130,7 +130,7 @@ class Outcome:
                  ctx: JobContext | None = None, handoff: str | None = None, spec: Spec | None = None) -> None:
         self.item, self.task = item, task
         self.p = p  # the run's key prefix
-        self.kind = kind  # 'done' | 'raised' | 'retry' | 'poll' | 'ack' | 'bury' | 'handback'
+        self.kind = kind  # 'done' | 'raised' | 'retry' | 'poll' | 'ack' | 'again' | 'bury' | 'handback' | 'split'
         self.record = record
         self.ctx = ctx
         self.handoff = handoff  # path of the own continuation the job returned
@@ -146,6 +146,7 @@ class Counts(NamedTuple):
     fire: dict[str, tuple[int, Task]]  # n: key -> (inputs expected, the continuation to queue when reached)
     failed_paths: dict[str, list[str]]  # run prefix -> paths of the jobs that failed for good
     counted: dict[str, bytes]  # cm: key -> the marker that says its children are counted in total
+    lost: list[Outcome]  # jobs whose value another execution stored first
 
 
 class Bundle(NamedTuple):
@@ -272,28 +273,7 @@ class Engine:
             return 0
         for item, _, tasks in bundles:
             self.watchdog.hold(item.handle, tasks[0].ttr)
-        keys: set[str] = set()
-        for _, p, tasks in bundles:
-            first = tasks[0]
-            keys.update((p + "total", p + "cancel"))
-            if len(tasks) == 1:  # a lone job may be a re-delivery of a completed one
-                keys.update((p + "v:" + first.path, p + "cm:" + first.path))
-            if first.method is None:
-                keys.update(p + "spec:" + t.path for t in tasks)
-            if first.digest not in self._runners:
-                keys.add(blob_key(first.digest))
-        got = gather(self.store, self.signer, self.store.get_many(list(keys)))
-        specs = {}  # spec key -> Spec
-        for _, p, tasks in bundles:
-            if tasks[0].method is None:
-                for t in tasks:
-                    raw = got.get(p + "spec:" + t.path)
-                    if raw is not None:
-                        specs[p + "spec:" + t.path] = Spec(**self.signer.loads(raw))
-        inputs = sorted({i for s in specs.values() for i in s.inputs})
-        trail: list[str] = []
-        recs = records(self.store, self.signer, inputs, trail) if inputs else {}
-
+        got, specs, recs, trail = self._fetch(bundles)
         outcomes: list[Outcome] = []
         bundles = self._set_aside_crashers(bundles, outcomes, got, specs)
         self._split_unknown(bundles, outcomes)
@@ -301,17 +281,9 @@ class Engine:
         ran = 0
         durations = STATS.durations  # (what the dashboard's totals and histogram are made of)
         for b, (item, p, tasks) in enumerate(bundles):
-            first = tasks[0]
-            if p + "total" not in got:
-                log.warning("buried %d job(s) from %s: run %r has no state in the store (lost or forgotten)",
-                            len(tasks), job_id(first.name, first.gen, first.path), first.name)
-                outcomes.extend(Outcome(item, t, p, "bury") for t in tasks)
-                continue
-            # cancelled; or a completed job delivered again (one that enqueued runs
-            # again: it may have died before it queued its children)
-            if p + "cancel" in got or (len(tasks) == 1 and p + "v:" + first.path in got
-                                       and p + "cm:" + first.path not in got):
-                outcomes.extend(Outcome(item, t, p, "ack") for t in tasks)
+            settled = self._settled(item, p, tasks, got, specs)
+            if settled is not None:
+                outcomes += settled
                 continue
             for n, t in enumerate(tasks):
                 if (b or n) and time.monotonic() - started > HANDBACK_AFTER:
@@ -345,6 +317,52 @@ class Engine:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
         self.commit_safely(outcomes)
         return ran
+
+    def _fetch(self, bundles: list[Bundle]) -> tuple[dict[str, bytes], dict[str, Spec],
+                                                     dict[str, tuple[Any, ...]], list[str]]:
+        """In one bulk get, what the batch needs (run counters, cancel flags,
+        runner blobs not cached, continuation specs; for a lone job, its value
+        and commit marker), then the records of the continuations' inputs: the
+        values, the specs, the records and the ids their references passed through."""
+        keys: set[str] = set()
+        for _, p, tasks in bundles:
+            first = tasks[0]
+            keys.update((p + "total", p + "cancel"))
+            if len(tasks) == 1:  # a lone job may be a re-delivery of a completed one
+                keys.update((p + "v:" + first.path, p + "cm:" + first.path))
+            if first.method is None:
+                keys.update(p + "spec:" + t.path for t in tasks)
+            if first.digest not in self._runners:
+                keys.add(blob_key(first.digest))
+        got = gather(self.store, self.signer, self.store.get_many(list(keys)))
+        specs = {}  # spec key -> Spec
+        for _, p, tasks in bundles:
+            if tasks[0].method is None:
+                for t in tasks:
+                    raw = got.get(p + "spec:" + t.path)
+                    if raw is not None:
+                        specs[p + "spec:" + t.path] = Spec(**self.signer.loads(raw))
+        inputs = sorted({i for s in specs.values() for i in s.inputs})
+        trail: list[str] = []
+        recs = records(self.store, self.signer, inputs, trail) if inputs else {}
+        return got, specs, recs, trail
+
+    def _settled(self, item: Reserved, p: str, tasks: list[Task], got: dict[str, bytes],
+                 specs: dict[str, Spec]) -> list[Outcome] | None:
+        """The outcomes of a bundle that does not run, or None: its run has no
+        state (buried), is cancelled (acked), or it is a completed job delivered
+        again (acked, and its continuations made sure of: ``_recovery``; one that
+        enqueued runs again: it may have died before it queued its children)."""
+        first = tasks[0]
+        if p + "total" not in got:
+            log.warning("buried %d job(s) from %s: run %r has no state in the store (lost or forgotten)",
+                        len(tasks), job_id(first.name, first.gen, first.path), first.name)
+            return [Outcome(item, t, p, "bury") for t in tasks]
+        if p + "cancel" in got:
+            return [Outcome(item, t, p, "ack") for t in tasks]
+        if len(tasks) == 1 and p + "v:" + first.path in got and p + "cm:" + first.path not in got:
+            return [Outcome(item, first, p, "again", spec=specs.get(p + "spec:" + first.path))]
+        return None
 
     def _isolate_suspects(self, items: Sequence[Reserved]) -> Sequence[Reserved]:
         """A queue item whose holder died with it runs alone: the rest of the
@@ -473,8 +491,8 @@ class Engine:
         worker dies anywhere: values and the hand-offs of completed continuations
         (the adds that decide which execution completes a job), the counts, the
         failure list and commit markers, then the queue (children, ready
-        continuations, acks).  A job that lost the add of its commit marker makes
-        sure its children are counted before it queues them (``packmule._recovery``)."""
+        continuations, acks).  What a job's earlier execution may have left
+        undone is made sure of before the queue (``packmule._recovery``)."""
         self.watchdog.settle()
         self._settle_raised(outcomes)
         adds, valued, enqueued = self._stage(outcomes)
@@ -494,6 +512,11 @@ class Engine:
         if failures or counts.counted:  # the failure list; the markers that say which children total counts
             self.store.set_many({**failures, **counts.counted}, self.ttl)
         later += self._children(enqueued, counts.counted)
+        again = [o for o in outcomes if o.kind == "again"] + counts.lost
+        if again:
+            queued = {(t.name, t.gen, t.path) for t in later}
+            later += [t for t in _recovery.ready_again(self.backend, again, self._continuation_task)
+                      if (t.name, t.gen, t.path) not in queued]
         if log.isEnabledFor(logging.INFO):
             log_outcomes(outcomes)
         self._finish_queue(outcomes, later)
@@ -578,7 +601,7 @@ class Engine:
         children of a job whose enqueues it committed first; ``done``/``failed``
         and the watchers' arrived counters for the jobs it completed first (a
         continuation: those it finishes, whose reference it added or found)."""
-        c = Counts(defaultdict(int), {}, {}, defaultdict(list), {})
+        c = Counts(defaultdict(int), {}, {}, defaultdict(list), {}, [])
         finished: dict[str, int] = defaultdict(int)  # run prefix -> jobs done for good
         for o in enqueued:
             key = o.p + "cm:" + o.task.path
@@ -589,7 +612,8 @@ class Engine:
         handed = self._handed(won, valued)
         for key, o in valued:
             if key not in won:
-                continue  # another execution completed this job
+                c.lost.append(o)  # another execution completed this job
+                continue
             won.discard(key)
             t, p = o.task, o.p
             assert o.record is not None
@@ -758,7 +782,7 @@ class Engine:
                 failed = o.record is not None and o.record[0] == "err"
                 if o.kind == "bury" or (o.kind == "done" and failed):
                     buries.append(handle)
-                elif o.kind in ("done", "ack"):
+                elif o.kind in ("done", "ack", "again"):
                     acks.append(handle)
                 else:
                     poll = POLL_DELAY * self.delay_scale
@@ -785,7 +809,8 @@ class Engine:
             self.queue.ack_many(acks)
 
 
-STATES = {"done": "done", "ack": "dropped (cancelled, or done before)", "bury": "buried (run state gone)",
+STATES = {"done": "done", "ack": "dropped (cancelled)", "again": "dropped (done before)",
+          "bury": "buried (run state gone)",
           "handback": "handed back", "poll": "waiting for its inputs", "retry": "retrying"}
 
 

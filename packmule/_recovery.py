@@ -3,8 +3,8 @@
 A job runs again when its worker died, its time_to_run passed or the queue
 server restarted, and the first execution may have stopped anywhere in its
 commit (``packmule._engine``: values, counts, then queue puts).  The adds keep
-the counts from doubling, but what the first execution may not have finished
-must be made sure of by the next one, because a dead worker leaves no sign of it:
+the counts from doubling; two effects of the first execution must be made
+sure of by the next one, because a dead worker leaves no sign of them:
 
 - *the count of its children in ``total``.*  A job that loses the add of its
   commit marker (``cm:``) puts its children again, in case the first execution
@@ -16,19 +16,27 @@ must be made sure of by the next one, because a dead worker leaves no sign of it
   has the run recounted from its records first (``packmule._census``, under
   the run's recount lock, after the settle delay that lets a live winner
   count), and is then marked.
+- *the continuations its completion made ready.*  The worker whose count
+  completes a continuation's inputs queues it; if that worker died, or its put
+  failed, before the put, nothing else would (the item delivered again finds
+  its value taken and only acks it).  So a job that lost the add of its value,
+  or came back after its commit, queues again each continuation it notifies
+  whose arrived count is complete and that has not run (no value, no commit
+  marker).  A second copy is harmless: its value's add makes it count once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from packmule import _census
 from packmule._codec import Signer
 from packmule._errors import BackendUnavailable
 from packmule._keys import job_id
+from packmule._wire import Task
 from packmule.backends.base import Backend
 
 if TYPE_CHECKING:
@@ -73,3 +81,29 @@ def ensure_counted(backend: Backend, signer: Signer, ttl: float, unsure: Sequenc
                     job_id(t.name, t.gen, t.path), fixed or "nothing to fix")
         store.set_many({key: mark(_census.positions(got[key])) for key in keys}, ttl)
     return held
+
+
+def ready_again(backend: Backend, again: Sequence[Outcome],
+                continuation: Callable[[Task, str], Task]) -> list[Task]:
+    """The continuations notified by these jobs (completed by another execution,
+    or delivered again after their commit) whose inputs have all arrived and
+    that have not run: to queue again."""
+    wanted: dict[tuple[str, str], tuple[int, Task]] = {}  # (run prefix, path) -> (inputs expected, its task)
+    for o in again:
+        watchers = o.spec.watchers if o.spec is not None else o.task.watchers
+        for path, expected in watchers:
+            wanted.setdefault((o.p, path), (expected, continuation(o.task, path)))
+    if not wanted:
+        return []
+    got = backend.store.get_many([p + kind + path for p, path in wanted for kind in ("n:", "v:", "cm:")])
+    ready = []
+    for (p, path), (expected, task) in wanted.items():
+        arrived = got.get(p + "n:" + path)
+        if arrived is not None and int(arrived) >= expected and p + "v:" + path not in got \
+                and p + "cm:" + path not in got:
+            ready.append(task)
+    if ready:
+        log.warning("queued again %d continuation(s) whose inputs all arrived but that never ran (their "
+                    "notifier died or failed before it queued them), e.g. %s", len(ready),
+                    job_id(ready[0].name, ready[0].gen, ready[0].path))
+    return ready

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import packmule
+from conformance.faulty import Faulty
 from conformance.harness import Harness, beanstalk_harness, start_worker, stop_worker
 from conformance.runners import Flaky, Plain, Worky, lines
 
@@ -59,6 +60,31 @@ def test_beanstalkd_restarted_mid_run_keeps_queued_jobs_and_the_run_completes(cl
     # Then the workers reconnect and the run completes exactly
     assert runner.wait(timeout=WAIT) == "21.0 / 21.0"
     assert runner.get_return_value() == sum(range(20))
+
+
+def test_beanstalkd_restarted_between_a_count_and_its_put_still_queues_the_continuation_it_completed(cluster,
+                                                                                                   tmp_path):
+    # Given another run whose job waits to be retried (so that the queue is
+    # never quiet), and a continuation whose only input's worker has counted it
+    # (completing the continuation's inputs) and is about to queue the continuation
+    waiting = Flaky(backend=cluster.backend, retry_delay=600)
+    tries = str(tmp_path / "tries")
+    waiting.enqueue("fail_times", tries, 1)
+    deadline = time.monotonic() + WAIT
+    while cluster.backend.queue.stats().delayed < 1:
+        assert time.monotonic() < deadline, "the job to retry was not delayed"
+        time.sleep(0.02)
+    runner = Faulty(backend=cluster.backend)
+    path, go = str(tmp_path / "input"), tmp_path / "go"
+    runner.enqueue("fan_busy", path, False, str(go))
+    _started(path + ".paused")
+    # When beanstalkd restarts then: the put fails, and the input comes back
+    # from the binlog with its value stored
+    cluster.extras["beanstalkd"].restart()
+    go.touch()
+    # Then the input, delivered again, queues the continuation
+    assert runner.wait(timeout=WAIT) == "2.0 / 2.0"
+    assert runner.get_return_value() == 5
 
 
 def test_memcached_restarted_mid_run_makes_wait_raise_run_state_lost(cluster, tmp_path):
