@@ -512,7 +512,9 @@ class Engine:
         if failures or counts.counted:  # the failure list; the markers that say which children total counts
             self.store.set_many({**failures, **counts.counted}, self.ttl)
         later += self._children(enqueued, counts.counted)
-        again = [o for o in outcomes if o.kind == "again"] + counts.lost
+        # (a bundle split after its worker died: at once, so that the continuation
+        # goes in the queue before the jobs, and they find it done)
+        again = [o for o in outcomes if o.kind in ("again", "split")] + counts.lost
         if again:
             queued = {(t.name, t.gen, t.path) for t in later}
             later += [t for t in _recovery.ready_again(self.backend, again, self._continuation_task)

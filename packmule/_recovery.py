@@ -86,8 +86,8 @@ def ensure_counted(backend: Backend, signer: Signer, ttl: float, unsure: Sequenc
 def ready_again(backend: Backend, again: Sequence[Outcome],
                 continuation: Callable[[Task, str], Task]) -> list[Task]:
     """The continuations notified by these jobs (completed by another execution,
-    or delivered again after their commit) whose inputs have all arrived and
-    that have not run: to queue again."""
+    delivered again after their commit, or split out of a bundle whose worker
+    died) whose inputs have all arrived and that have not run: to queue again."""
     wanted: dict[tuple[str, str], tuple[int, Task]] = {}  # (run prefix, path) -> (inputs expected, its task)
     for o in again:
         watchers = o.spec.watchers if o.spec is not None else o.task.watchers
@@ -103,7 +103,7 @@ def ready_again(backend: Backend, again: Sequence[Outcome],
                 and p + "cm:" + path not in got:
             ready.append(task)
     if ready:
-        log.warning("queued again %d continuation(s) whose inputs all arrived but that never ran (their "
-                    "notifier died or failed before it queued them), e.g. %s", len(ready),
-                    job_id(ready[0].name, ready[0].gen, ready[0].path))
+        log.info("queued again %d continuation(s) whose inputs all arrived but that never ran (their "
+                 "notifier died or failed before it queued them), e.g. %s", len(ready),
+                 job_id(ready[0].name, ready[0].gen, ready[0].path))
     return ready
