@@ -72,6 +72,12 @@ class Faulty(packmule.Runner):
             _engine.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x
 
+    def fails_listed_late(self, seconds: float) -> None:
+        """Fails (for good with max_retries=0); its worker pauses ``seconds`` after
+        the commit's counts, before the commit ends."""
+        _engine.FAULTS["after_counts"] = lambda: time.sleep(seconds)
+        raise ValueError("listed late")
+
     def noted(self, x: int, path: str) -> int:
         note(path, str(x))
         return x

@@ -16,6 +16,7 @@ from packmule._registry import BEAT, RUN_SLOTS, Watcher
 from packmule._runner import signer_for
 from packmule._state import RunState
 
+from .faulty import Faulty
 from .harness import Harness
 from .runners import Flaky, Plain, SleepyRunner, Worky, lines
 
@@ -65,6 +66,18 @@ def test_a_running_run_reads_running_with_a_rate_then_complete_with_its_value(ba
     assert info is not None and "running" in seen
     assert (info.state, info.progress, info.complete) == ("complete", "41.0 / 41.0", True)
     assert watcher.value_repr(info) == repr(runner.get_return_value())
+
+
+def test_a_run_that_reads_complete_lists_every_failure(backend):
+    # Given a job that fails for good, whose worker pauses a second after the counts
+    runner = Faulty(unique("listed"), backend=backend, max_retries=0)
+    runner.enqueue("fails_listed_late", 1.0)
+    # When the run reads complete
+    assert runner.wait(timeout=WAIT) == "1.0 / 1.0"
+    # Then its failure is already listed
+    watcher = Watcher(backend)
+    info = watcher.run(runner.name)
+    assert info is not None and [f["message"] for f in watcher.failures(info)] == ["listed late"]
 
 
 def test_failed_and_cancelled_runs_say_so_with_the_failures(backend, tmp_path):

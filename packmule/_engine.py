@@ -502,15 +502,17 @@ class Engine:
         counts = self._count(won, valued, enqueued)
         if counts.handoffs:  # inputs consumed (marked gone) before the counts: the run is as it ends when complete
             self.store.set_many(counts.handoffs, self.ttl)
-        results = self.store.incr_many(counts.deltas) if counts.deltas else {}
+        results = self._count_failures(counts)  # (before done: a run that reads complete lists its failures)
+        rest = {key: delta for key, delta in counts.deltas.items() if key not in results}
+        results.update(self.store.incr_many(rest) if rest else {})
         if FAULTS:
             _fault("after_counts")
         for key, delta in counts.deltas.items():
             if key.endswith(("/done", "/failed")):  # (the totals a dashboard shows: jobs this worker completed)
                 STATS.counted(key.rpartition("/")[2], delta)
-        later, failures = self._fired(results, counts)
-        if failures or counts.counted:  # the failure list; the markers that say which children total counts
-            self.store.set_many({**failures, **counts.counted}, self.ttl)
+        later = self._fired(results, counts)
+        if counts.counted:  # the markers that say which children total counts
+            self.store.set_many(counts.counted, self.ttl)
         later += self._children(enqueued, counts.counted)
         # (a bundle split after its worker died: at once, so that the continuation
         # goes in the queue before the jobs, and they find it done)
@@ -523,22 +525,34 @@ class Engine:
             log_outcomes(outcomes)
         self._finish_queue(outcomes, later)
 
-    def _fired(self, results: dict[str, int | None], counts: Counts) -> tuple[list[Task], dict[str, bytes]]:
-        """From the counters' new values: the continuations this commit's counts
-        completed, and the failure list's entries (``f:<k>`` -> path of the k-th
-        failed job of its run)."""
-        later: list[Task] = []
+    def _count_failures(self, counts: Counts) -> dict[str, int | None]:
+        """Count the jobs this commit failed for good in their runs' ``failed``,
+        then write the failure list's entries (``f:<k>`` -> path of the k-th
+        failed job of its run), before ``done`` counts those jobs, so that a run
+        that reads complete lists every failure.  The counters' new values."""
+        deltas = {key: delta for key, delta in counts.deltas.items() if key.endswith("/failed")}
+        if not deltas:
+            return {}
+        results: dict[str, int | None] = self.store.incr_many(deltas)
         failures: dict[str, bytes] = {}
+        for key, value in results.items():
+            if value is not None:
+                p = key[: -len("failed")]
+                paths = counts.failed_paths[p]
+                failures.update((f"{p}f:{value - len(paths) + 1 + i}", path.encode()) for i, path in enumerate(paths))
+        if failures:
+            self.store.set_many(failures, self.ttl)
+        return results
+
+    def _fired(self, results: dict[str, int | None], counts: Counts) -> list[Task]:
+        """From the counters' new values: the continuations this commit's counts completed."""
+        later: list[Task] = []
         for key, value in results.items():
             if value is None:
                 log.warning("run state lost: counter %s is gone from the store", key)
             elif key in counts.fire and value == counts.fire[key][0]:
                 later.append(counts.fire[key][1])
-            elif key.endswith("/failed"):
-                p = key[: -len("failed")]
-                paths = counts.failed_paths[p]
-                failures.update((f"{p}f:{value - len(paths) + 1 + i}", path.encode()) for i, path in enumerate(paths))
-        return later, failures
+        return later
 
     def _children(self, enqueued: list[Outcome], counted: dict[str, bytes]) -> list[Task]:
         """The jobs and polled continuations that the jobs of ``enqueued`` queue.
