@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import packmule
-from packmule import _engine
+from packmule._worker import engine as _engine
 
 from .runners import lines, note
 
@@ -104,7 +104,7 @@ class Faulty(packmule.Runner):
             _engine.FAULTS[point] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x
 
-    # --- a commit cut short, then its job run again (packmule._recovery) ------------
+    # --- a commit cut short, then its job run again (packmule._worker.recovery) ------------
     def enqueues_then_dies(self, width: int, path: str) -> int:
         """Queues ``width`` jobs and returns; the first time, its worker is killed
         in the commit right after the adds: the value and the commit marker are

@@ -8,7 +8,7 @@ cluster, and follow each run by name: its progress, its return value, its failur
 ...     def total(self, values): return sum(values)
 """
 
-from packmule._errors import (
+from packmule._core.errors import (
     BackendUnavailable,
     Cancelled,
     JobFailed,
@@ -19,8 +19,8 @@ from packmule._errors import (
     SecretMismatch,
     ValuesNotRecorded,
 )
-from packmule._runner import Runner
-from packmule._types import JobRef, Progress
+from packmule._core.types import JobRef, Progress
+from packmule._driver.runner import Runner
 
 __all__ = [
     "BackendUnavailable",

@@ -15,11 +15,12 @@ import os
 import sys
 import time
 
-from packmule import _cluster_worker, _config
-from packmule._errors import PackMuleError
-from packmule._keys import check_name, job_id, prefix
-from packmule._runner import Runner, signer_for
-from packmule._state import records
+from packmule._core import config as _config
+from packmule._core.errors import PackMuleError
+from packmule._driver.runner import Runner, signer_for
+from packmule._model.keys import check_name, job_id, prefix
+from packmule._model.records import records
+from packmule._worker import supervisor as _cluster_worker
 
 
 def status(name: str) -> int:

@@ -10,7 +10,7 @@ default ``DEFAULT_WORKERS``), an empty store, a secret of its own.  While the
 test runs, every ``packmule.Runner`` that is given no backend (or ``"local"``)
 uses it, and the delays packmule picks itself (retry backoff, polls) are scaled
 by ``delay_scale`` (default ``DEFAULT_DELAY_SCALE``; ``PACKMULE_DELAY_SCALE``
-in ``packmule._config``), so a retried job does not make the test wait.  At
+in ``packmule._core.config``), so a retried job does not make the test wait.  At
 teardown its processes are killed at once, by PID: nothing of the test is left
 for the next one, and nothing keeps the pytest process from exiting.
 
@@ -39,13 +39,14 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from packmule import _config, _runner
-from packmule._errors import JobFailed
-from packmule._keys import job_id, prefix
-from packmule._runner import Runner, signer_for
-from packmule._spill import gather
-from packmule._state import records
-from packmule._types import JobRef, Progress
+from packmule._core import config as _config
+from packmule._core.errors import JobFailed
+from packmule._core.types import JobRef, Progress
+from packmule._driver import runner as _runner
+from packmule._driver.runner import Runner, signer_for
+from packmule._model.keys import job_id, prefix
+from packmule._model.records import records
+from packmule._transport.spill import gather
 from packmule.backends.base import Backend
 
 DEFAULT_WORKERS = 2  # worker processes of a test's backend: enough for parallelism, quick to start

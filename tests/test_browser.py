@@ -63,7 +63,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module", params=["local", "beanstalk"])
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     require_browser()
-    from packmule._registry import Watcher
+    from packmule._model.registry import Watcher
     from packmule.web import create_app
 
     harness = local_harness() if request.param == "local" else beanstalk_harness(concurrency=2)
@@ -159,7 +159,7 @@ def test_cancel_on_a_running_runs_page_stops_it_and_the_page_says_so(stack, brow
 @pytest.fixture
 def example_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     """The stack's backend named by the environment, as the example page finds it."""
-    from packmule import _config
+    from packmule._core import config as _config
 
     for var, value in stack.harness.env.items():
         monkeypatch.setenv(var, value)

@@ -21,7 +21,7 @@ import pytest
 from packmule.backends import local
 
 import packmule
-from packmule import _config
+from packmule._core import config as _config
 from packmule.testing import BackendFixture, _Options, backend_for_test, steps_aside
 
 HERE = Path(__file__).parent

@@ -27,7 +27,7 @@ from typing import Any
 
 import greenstalk
 
-from packmule._fork import forget_at_fork
+from packmule._core.fork import forget_at_fork
 
 from ..base import Put, Queue, QueueStats, Reserved
 from ._pool import Servers, ThreadConnections

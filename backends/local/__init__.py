@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from packmule.backends.base import Backend
 from packmule.backends.local.client import ADDRESS_VAR, SECRET_VAR, LocalClient, _lock
 
-from packmule._errors import BackendUnavailable
-from packmule._fork import forget_at_fork
+from packmule._core.errors import BackendUnavailable
+from packmule._core.fork import forget_at_fork
 
 __all__ = ["ADDRESS_VAR", "SECRET_VAR", "BackendUnavailable", "LocalBackend", "LocalClient"]
 
@@ -149,7 +149,7 @@ class LocalBackend(Backend):
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
                    PACKMULE_WORKER_POOL=str(self.workers))  # (for the dashboard)
-        return subprocess.Popen([sys.executable, "-m", "packmule.backends.local.worker"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "packmule._worker.local_process"], env=env,
                                 stdin=subprocess.DEVNULL)
 
     def _supervise(self) -> None:

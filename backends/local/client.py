@@ -17,8 +17,8 @@ from typing import Any
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import receive, send
 
-from packmule._errors import BackendUnavailable
-from packmule._fork import forget_at_fork
+from packmule._core.errors import BackendUnavailable
+from packmule._core.fork import forget_at_fork
 
 ADDRESS_VAR, SECRET_VAR = "PACKMULE_LOCAL_ADDRESS", "PACKMULE_LOCAL_SECRET"
 MAX_UNANSWERED = 64  # requests a client posts before it reads their answers

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from packmule._keys import job_id, pointer, prefix
+from packmule._model.keys import job_id, pointer, prefix
 from packmule.backends.base import Backend, QueueStats, Store
 
 ENABLED = os.environ.get("PACKMULE_REGISTRY", "1") != "0"
@@ -87,7 +87,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.jobs_run = 0
-        self.current: Any = None  # the task running now (a packmule._wire.Task)
+        self.current: Any = None  # the task running now (a packmule._transport.wire.Task)
         # seconds each job took, appended by the engine (one append a job) and
         # binned by ``tally`` (in the beat's thread: a job pays no more than that)
         self.durations: list[float] = []
@@ -261,7 +261,7 @@ class Watcher:
     """Reads the registry, runs' counters and workers' beats of one backend."""
 
     def __init__(self, backend: Backend | None = None) -> None:
-        from packmule import _config
+        from packmule._core import config as _config
 
         # (a connection of its own: a web server's threads must not wait behind, or
         # take the posted failures of, the driver's own calls in the same process)
@@ -355,8 +355,8 @@ class Watcher:
 
     def failures(self, info: RunInfo, limit: int = 100) -> list[dict[str, str]]:
         """The run's failed jobs (first ``limit``): job, method, args, exc_type, message, traceback."""
-        from packmule._runner import signer_for
-        from packmule._state import records
+        from packmule._driver.runner import signer_for
+        from packmule._model.records import records
 
         p = prefix(info.name, info.generation)
         got = self.store.get_many([f"{p}f:{k}" for k in range(1, min(info.failed, limit) + 1)])
@@ -374,8 +374,8 @@ class Watcher:
 
     def value_repr(self, info: RunInfo, limit: int = 2000) -> str | None:
         """``repr`` of the run's return value, once it is complete and if it was recorded."""
-        from packmule._runner import signer_for
-        from packmule._state import records
+        from packmule._driver.runner import signer_for
+        from packmule._model.records import records
 
         if not info.complete:
             return None
@@ -391,12 +391,12 @@ class Watcher:
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
     def cancel(self, name: str) -> None:
-        from packmule._runner import Runner
+        from packmule._driver.runner import Runner
 
         Runner(name, backend=self.backend).cancel()
 
     def forget(self, name: str) -> None:
-        from packmule._runner import Runner
+        from packmule._driver.runner import Runner
 
         Runner(name, backend=self.backend).forget()
 

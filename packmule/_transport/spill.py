@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from packmule import _config
-from packmule._codec import HEAD, Signer
-from packmule._errors import RunStateLost
+from packmule._core import config as _config
+from packmule._core.errors import RunStateLost
+from packmule._transport.codec import HEAD, Signer
 from packmule.backends.base import Backend, Put, Store
 
 MARK = b"pm-spill:"

@@ -29,18 +29,19 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from packmule import _config, _recovery
-from packmule._codec import Forged, Signer, dumps
-from packmule._errors import BackendUnavailable
-from packmule._keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
-from packmule._methods import refusal
-from packmule._registry import STATS
-from packmule._spill import gather, gather_one, spill_bodies, spill_values
-from packmule._state import GONE, records
-from packmule._tracebacks import describe, short_repr
-from packmule._types import JobRef
-from packmule._watchdog import Watchdog
-from packmule._wire import Task, decode, encode
+from packmule._core import config as _config
+from packmule._core.errors import BackendUnavailable
+from packmule._core.tracebacks import describe, short_repr
+from packmule._core.types import JobRef
+from packmule._model.keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
+from packmule._model.methods import refusal
+from packmule._model.records import GONE, records
+from packmule._model.registry import STATS
+from packmule._transport.codec import Forged, Signer, dumps
+from packmule._transport.spill import gather, gather_one, spill_bodies, spill_values
+from packmule._transport.wire import Task, decode, encode
+from packmule._worker import recovery as _recovery
+from packmule._worker.watchdog import Watchdog
 from packmule.backends.base import Backend, Put, Reserved
 
 log = logging.getLogger("packmule")
@@ -151,7 +152,7 @@ class Counts(NamedTuple):
 
 class Bundle(NamedTuple):
     """The tasks of one reserved queue item: they share a run, a method and a
-    runner (``packmule._wire``), so what depends only on those is done once."""
+    runner (``packmule._transport.wire``), so what depends only on those is done once."""
 
     item: Reserved
     p: str  # the run's key prefix
@@ -185,7 +186,7 @@ class RunnerMaker:
     __slots__ = ("cls", "backend", "attrs", "state")
 
     def __init__(self, proto: Any, backend: Backend) -> None:
-        from packmule._runner import Runner  # (a circular import at module level)
+        from packmule._driver.runner import Runner  # (a circular import at module level)
 
         cls: Any = type(proto)
         self.cls, self.backend = cls, backend
@@ -492,7 +493,7 @@ class Engine:
         (the adds that decide which execution completes a job), the counts, the
         failure list and commit markers, then the queue (children, ready
         continuations, acks).  What a job's earlier execution may have left
-        undone is made sure of before the queue (``packmule._recovery``)."""
+        undone is made sure of before the queue (``packmule._worker.recovery``)."""
         self.watchdog.settle()
         self._settle_raised(outcomes)
         adds, valued, enqueued = self._stage(outcomes)

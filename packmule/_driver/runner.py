@@ -1,5 +1,5 @@
 """``Runner``: the class users subclass.  Everything here is the driver's side;
-the worker's side is ``packmule._engine``."""
+the worker's side is ``packmule._worker.engine``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ from typing import Any
 
 import cloudpickle
 
-from packmule import _census, _config, _dashboard, _registry
-from packmule._codec import Signer, dumps
-from packmule._engine import JobContext, Spec, current
-from packmule._errors import (
+from packmule._core import config as _config
+from packmule._core.errors import (
     BackendUnavailable,
     Cancelled,
     NotReady,
@@ -28,13 +26,18 @@ from packmule._errors import (
     SecretMismatch,
     ValuesNotRecorded,
 )
-from packmule._keys import blob_key, check_name, parse_job_id, pointer, prefix, user_lock, value_keys
-from packmule._methods import FRAMEWORK, refusal
-from packmule._spill import gather, spill_bodies, spill_values
-from packmule._state import GONE, VOID, RunState, progress_of, records, ref_for, unwrap
-from packmule._types import JobRef, Progress
-from packmule._watchdog import Watchdog
-from packmule._wire import BUNDLE, Entries, Task, count, expand, pack, shard
+from packmule._core.types import JobRef, Progress
+from packmule._driver import dashboard as _dashboard
+from packmule._model import census as _census
+from packmule._model import registry as _registry
+from packmule._model.keys import blob_key, check_name, parse_job_id, pointer, prefix, user_lock, value_keys
+from packmule._model.methods import FRAMEWORK, refusal
+from packmule._model.records import GONE, VOID, RunState, progress_of, records, ref_for, unwrap
+from packmule._transport.codec import Signer, dumps
+from packmule._transport.spill import gather, spill_bodies, spill_values
+from packmule._transport.wire import BUNDLE, Entries, Task, count, expand, pack, shard
+from packmule._worker.engine import JobContext, Spec, current
+from packmule._worker.watchdog import Watchdog
 from packmule.backends.base import Backend, Put
 
 log = logging.getLogger("packmule")
@@ -126,7 +129,7 @@ class Runner:
         return float(ttr), retries, float(delay), bool(self.record_return_values)
 
     def _check_method(self, method_name: str) -> None:
-        """Refuse, with nothing queued, a name that is no job method (``packmule._methods``)."""
+        """Refuse, with nothing queued, a name that is no job method (``packmule._model.methods``)."""
         why = refusal(type(self), method_name)
         if why is not None:
             raise (ValueError if isinstance(method_name, str) else TypeError)(why)
@@ -167,7 +170,7 @@ class Runner:
 
     def _enqueue(self, method: str, chunks: list[Entries]) -> list[JobRef]:
         """Queue the jobs of ``chunks``: the entries of one bundle each, at most
-        BUNDLE jobs (``packmule._wire``)."""
+        BUNDLE jobs (``packmule._transport.wire``)."""
         self._check_method(method)
         ttr, retries, delay, record = self._options()
         entries = [self._entries(method, chunk) for chunk in chunks]  # refuses a bad item before queueing
@@ -513,7 +516,7 @@ class Runner:
         self._pm_progress = None
 
     def _recount(self, gen: str, quiet: bool = False) -> str | None:
-        """Recount a stalled run from its value records (``packmule._census``),
+        """Recount a stalled run from its value records (``packmule._model.census``),
         one process at a time; what was fixed, or None.  ``quiet``: nothing is
         queued or running anywhere."""
         state = self._state()

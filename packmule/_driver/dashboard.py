@@ -18,8 +18,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from packmule import _config
-from packmule._engine import current
+from packmule._core import config as _config
+from packmule._worker.engine import current
 
 if TYPE_CHECKING:
     from packmule.backends.base import Backend
@@ -59,7 +59,7 @@ def serve_from_driver(backend: Backend) -> None:
         except ImportError as exc:
             raise ImportError(f"PACKMULE_DASHBOARD_PORT={port} asks this process to serve the dashboard, which "
                               f"needs the web extra: pip install 'packmule[web]' ({exc})") from exc
-        from packmule._registry import Watcher
+        from packmule._model.registry import Watcher
 
         try:
             url = packmule.web.serve("127.0.0.1", port, watcher=Watcher(backend), background=True)

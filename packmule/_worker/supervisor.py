@@ -27,11 +27,11 @@ import time
 
 import psutil
 
-from packmule import _config
-from packmule._errors import BackendUnavailable
-from packmule._registry import POOL_VAR
-from packmule._watchdog import Watchdog
-from packmule._worker import serve
+from packmule._core import config as _config
+from packmule._core.errors import BackendUnavailable
+from packmule._model.registry import POOL_VAR
+from packmule._worker.serve import serve
+from packmule._worker.watchdog import Watchdog
 
 log = logging.getLogger("packmule.worker")
 
@@ -112,7 +112,7 @@ class Supervisor:
         self.interrupts = 0
 
     def spawn(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "packmule._cluster_worker", "--child", "--log-level", self.a.log_level,
+        cmd = [sys.executable, "-m", "packmule._worker.supervisor", "--child", "--log-level", self.a.log_level,
                "--max-jobs", str(self.a.max_jobs_per_child or 0)]
         for module in self.a.imports:
             cmd += ["--import", module]

@@ -1,5 +1,5 @@
 """A run's state in the store: the reads and writes the driver makes (start
-or join a run, read progress, read values).  The keys are ``packmule._keys``'s.
+or join a run, read progress, read values).  The keys are ``packmule._model.keys``'s.
 
 Value records (signed pickles): ``('ok', value)``, ``('ref', job id)``,
 ``('err', failure info)``, ``('gone',)`` (consumed, not recorded), ``('void',)``
@@ -12,13 +12,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from packmule._codec import Signer
-from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
-from packmule._keys import COUNTERS, job_id, pointer, prefix, rejected_key, value_key
-from packmule._registry import note_run
-from packmule._spill import gather
-from packmule._types import JobRef, Progress
-from packmule._wire import shard
+from packmule._core.errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
+from packmule._core.types import JobRef, Progress
+from packmule._model.keys import COUNTERS, job_id, pointer, prefix, rejected_key, value_key
+from packmule._model.registry import note_run
+from packmule._transport.codec import Signer
+from packmule._transport.spill import gather
+from packmule._transport.wire import shard
 from packmule.backends.base import Backend, Store
 
 GONE = ("gone",)

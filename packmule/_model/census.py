@@ -6,7 +6,7 @@ The tree is found from keys the engine writes anyway: outside jobs have the
 paths ``0 .. seq-1`` less the gaps an outside enqueue left (``gap:<path>``);
 a job that enqueued has ``cm:<path>`` = the number of positions it used
 (``"<n> counted"`` once its children are counted in ``total``, see
-``packmule._recovery``), and its children are ``<path>.0 ..``; a position that
+``packmule._worker.recovery``), and its children are ``<path>.0 ..``; a position that
 holds a continuation has a ``spec:<path>``.
 
 Why a recount is needed: on a store without multi-key transactions (memcached)
@@ -27,10 +27,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from packmule._codec import Signer
-from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, recount_lock
-from packmule._spill import gather
-from packmule._wire import Task, encode
+from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, recount_lock
+from packmule._transport.codec import Signer
+from packmule._transport.spill import gather
+from packmule._transport.wire import Task, encode
 from packmule.backends.base import Backend, Store
 
 log = logging.getLogger("packmule")
@@ -136,7 +136,7 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
     that is not complete is not queued either (its put was lost with a queue
     server, or with the worker that counted its last input): queue it too.
     Returns what it fixed, or None if there was nothing to fix."""
-    from packmule._engine import Spec  # (the engine imports this module's users)
+    from packmule._worker.engine import Spec  # (the engine imports this module's users)
 
     store = backend.store
     nodes = walk(store, p, with_values=True)
@@ -215,7 +215,7 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
              for key, (count, spec, path) in arrived.items()
              if (results.get(key) == spec.counted if key in deltas else quiet and count >= spec.counted)]
     if ready:
-        from packmule._spill import spill_bodies
+        from packmule._transport.spill import spill_bodies
 
         backend.queue.put_many(list(spill_bodies(backend, signer, encode(signer, ready), ttl)))
         fixes.append(f"{len(ready)} continuations queued")
