@@ -53,8 +53,9 @@ LONG_RUN = "bench-long-run"  # the running run whose event stream stays open
 # --- the child: make the runs, serve the dashboard until stdin closes ---------------------------
 
 def serve(runs: int) -> None:
-    from packmule._core.config import get_backend
-    from packmule._model.registry import Watcher
+    from packmule.backends._choice import get_backend
+
+    from packmule._driver.watcher import Watcher
     from packmule.web import create_app
     from tests.browser import served
 

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from packmule._core.types import Progress
-from packmule._driver.runner import Runner, signer_for
+from packmule._driver.runner import Runner
 from packmule._model import census as _census
 from packmule._model.keys import prefix
+from packmule._transport.codec import signer_for
 from packmule._transport.spill import gather
 
 EVERY = 0.02  # s between the watcher's reads of one run's progress

@@ -25,9 +25,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import psutil
+from packmule.backends._choice import ENTRY_POINT_GROUP, backend_class
 from packmule.backends.base import Backend
-
-from packmule._core.config import ENTRY_POINT_GROUP, backend_class
 
 HARNESS_GROUP = "packmule.conformance_harnesses"  # NAME = "module:factory", for backends with outside workers
 SUITE_VARS = {"PACKMULE_CONFORMANCE_BACKENDS", "PACKMULE_REQUIRE_CLUSTER"}  # settings of the suite, not of a backend

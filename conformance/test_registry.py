@@ -11,10 +11,11 @@ import uuid
 
 import psutil
 
-from packmule._driver.runner import signer_for
+from packmule._driver.run_state import RunState
+from packmule._driver.watcher import Watcher
 from packmule._model.keys import pointer
-from packmule._model.records import RunState
-from packmule._model.registry import BEAT, RUN_SLOTS, Watcher
+from packmule._model.registry import BEAT, RUN_SLOTS
+from packmule._transport.codec import signer_for
 
 from .harness import Harness
 from .runners import Flaky, Plain, SleepyRunner, Worky, lines

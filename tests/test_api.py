@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from packmule.backends import _choice
 
 import packmule
 from packmule._transport.codec import Forged, Signer
@@ -52,10 +53,9 @@ def test_a_signed_blob_round_trips_and_a_tampered_one_is_refused_before_unpickli
 
 
 def test_an_unknown_backend_name_says_which_are_installed(monkeypatch):
-    from packmule._core import config as _config
 
     with pytest.raises(ValueError, match="installed backends: .*local"):
-        _config.backend_class("no-such-backend")
+        _choice.backend_class("no-such-backend")
 
 
 def test_a_job_failed_error_carries_the_remote_failure():

@@ -213,6 +213,7 @@ class LocalBackend(Backend):
 
 
 _coordinator: LocalBackend | None = None
+LocalClient.owner = LocalBackend  # (a client's from_env is the backend's)
 _client: LocalClient | None = None
 
 

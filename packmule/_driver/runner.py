@@ -3,14 +3,13 @@ the worker's side is ``packmule._worker.engine``."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -21,46 +20,35 @@ from packmule._core.errors import (
     BackendUnavailable,
     Cancelled,
     NotReady,
-    NoWorkers,
     RunStateLost,
-    SecretMismatch,
     ValuesNotRecorded,
 )
 from packmule._core.types import JobRef, Progress
-from packmule._driver import dashboard as _dashboard
+from packmule._driver.enqueue import Enqueuer
+from packmule._driver.run_state import RunState, ref_for
+from packmule._driver.waiting import Waiter, Waits
 from packmule._model import census as _census
+from packmule._model import job as _job
 from packmule._model import registry as _registry
-from packmule._model.keys import blob_key, check_name, parse_job_id, pointer, prefix, user_lock, value_keys
+from packmule._model.job import JobContext, Spec, current
+from packmule._model.keys import check_name, parse_job_id, pointer, prefix, user_lock
 from packmule._model.methods import FRAMEWORK, refusal
-from packmule._model.records import GONE, VOID, RunState, progress_of, records, ref_for, unwrap
-from packmule._transport.codec import Signer, dumps
-from packmule._transport.spill import gather, spill_bodies, spill_values
-from packmule._transport.wire import BUNDLE, Entries, Task, count, expand, pack, shard
-from packmule._worker.engine import JobContext, Spec, current
-from packmule._worker.watchdog import Watchdog
-from packmule.backends.base import Backend, Put
+from packmule._model.records import unwrap
+from packmule._transport.codec import dumps, signer_for
+from packmule._transport.wire import BUNDLE, Entries, Task, expand
+from packmule.backends import _choice
+from packmule.backends.base import Backend
+
+__all__ = ["PUSH_EVERY", "Runner"]
 
 log = logging.getLogger("packmule")
 
-POLL_MIN, POLL_MAX = 0.001, 0.1  # s: how often a blocking wait looks again
-NO_WORKERS_WARN, NO_WORKERS_RAISE = 2.0, 6.0  # s without a worker while jobs wait
-STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
-OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
-STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
-REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
-RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
-READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 _stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored (a fork child
 #                                               keeps it: what its parent stored is in the same store)
 
 
-@functools.cache
-def signer_for(backend: Backend) -> Signer:
-    return Signer(backend.secret())
-
-
-class Runner:
+class Runner(Enqueuer, Waits):
     """Subclass me; call ``enqueue``/``enqueue_each``/``deferred_result`` in your
     methods.  Class attributes are the defaults of the options of the same name."""
 
@@ -112,7 +100,7 @@ class Runner:
     @property
     def backend(self) -> Backend:
         if self._pm_backend is None:
-            self._pm_backend = _config.get_backend(self._pm_backend_spec)
+            self._pm_backend = _choice.get_backend(self._pm_backend_spec)
         return self._pm_backend
 
     def _state(self) -> RunState:
@@ -189,114 +177,7 @@ class Runner:
                                          record, ()))
                 refs.append(ref_for(backend, self.name, gen, path))
             return refs
-        sizes = [count(chunk) for chunk in chunks]
-        jobs = sum(sizes)
-        if not jobs:
-            return []
-        backend.ensure_workers()
-        _dashboard.serve_from_driver(backend)  # PACKMULE_DASHBOARD_PORT
-        state = self._state()
-        gen = self._pm_gen or state.start_or_join()
-        p = prefix(self.name, gen)
-        if (id(backend.store), digest) not in _stored_blobs:
-            backend.store.add_many(spill_values(backend.store, state.signer, {blob_key(digest): runner_blob},
-                                                state.ttl), state.ttl)
-            _stored_blobs.add((id(backend.store), digest))
-        # a bundle must be one block of paths (one server): a bulk call takes a
-        # range wide enough to start at a multiple of BUNDLE; the gap is unused
-        span = 1 if jobs == 1 else jobs + BUNDLE - 1
-        counters = backend.store.incr_many({p + "seq": span, p + "total": jobs})
-        last = counters.get(p + "seq")
-        if last is None or counters.get(p + "total") is None:
-            self._pm_gen = None
-            raise RunStateLost(f"run {self.name!r}: its state vanished from the store while jobs were "
-                               "being queued (store restarted or run forgotten); nothing was queued")
-        self._pm_gen = gen
-        _config.note_run(self.name, gen)  # (packmule.testing's join watches the runs a test queued)
-        first_free = last - span
-        base = -(-first_free // BUNDLE) * BUNDLE if span > 1 else first_free
-        signer = signer_for(backend)
-        by_server: dict[str, tuple[list[Put], list[str]]] = {}  # server -> (its puts, the paths they carry)
-        for i, (chunk, blob, size) in enumerate(zip(chunks, entries, sizes, strict=True)):
-            start = base + i * BUNDLE
-            first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, ())
-            puts, paths = by_server.setdefault(backend.queue.server_for(shard(self.name, gen, str(start))), ([], []))
-            puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
-            paths += map(str, range(start, start + size))
-        marks = {p + "root": b"0"} if first_free == 0 else {}  # the generation's first outside enqueue: its root
-        # the paths of the range left unused, before and after, so that a recount knows they held no job
-        for start, end in ((first_free, base), (base + jobs, last)):
-            if end > start:
-                marks[p + "gap:" + str(start)] = str(end - start).encode()
-        self._put(backend, state, p, marks, by_server)
-        head = f"{self.name}/{gen}/"
-        refs = []
-        for i, size in enumerate(sizes):
-            start = base + i * BUNDLE
-            server = backend.queue.server_for(shard(self.name, gen, str(start)))
-            refs += [JobRef.fast(head + str(start + j), server) for j in range(size)]
-        return refs
-
-    def _put(self, backend: Backend, state: RunState, p: str, marks: dict[str, bytes],
-             by_server: dict[str, tuple[list[Put], list[str]]]) -> None:
-        """Queue the puts of an outside enqueue, server by server, its jobs
-        counted in ``total`` already.  If a put fails, the jobs of that server and
-        of those not reached are taken back: each gets a void value (should a
-        failed put have queued some, they find their value taken and count
-        nothing), and the count of those whose void this call added comes off
-        ``total``.  A job whose value was there first was queued after all, and
-        a worker completed it: it stays counted.  Then the error is raised."""
-        servers = list(by_server)
-        done = 0
-        try:
-            if marks:
-                backend.store.add_many(marks, state.ttl)
-            for server in servers:
-                backend.queue.put_many(spill_bodies(backend, state.signer, by_server[server][0], state.ttl))
-                done += 1
-        except BaseException as exc:
-            lost = [path for server in servers[done:] for path in by_server[server][1]]
-            try:
-                void = state.signer.dumps(VOID)
-                voided = backend.store.add_many({p + "v:" + path: void for path in lost}, state.ttl)
-                if voided:
-                    backend.store.incr_many({p + "total": -len(voided)})
-            except Exception as undo:
-                exc.add_note(f"packmule could not take back the count of the {len(lost)} jobs not queued "
-                             f"({undo!r}): run {self.name!r} will not complete; forget() it")
-                raise
-            ran = len(lost) - len(voided)
-            exc.add_note(f"run {self.name!r}: none of the {len(voided)} jobs of this call that were not queued "
-                         "is counted" + (f"; {ran} more were queued after all, ran and count" if ran else
-                                         "; the run's progress is as it was before the call"))
-            raise
-
-    def _check_sizes(self, method: str, chunks: list[Entries], entries: list[bytes], runner_blob: bytes) -> None:
-        """Refuse, before anything is counted or queued, a job whose pickled
-        arguments or runner is over packmule's payload limit (the same on every
-        backend: what works on one works on all)."""
-        limit = _config.max_payload()
-        if len(runner_blob) > limit:
-            raise ValueError(f"the runner {self!r} is {len(runner_blob):,} bytes pickled, over packmule's limit "
-                             f"of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); keep large data out of its attributes "
-                             "(pass a path or a key instead), or raise the limit")
-        for chunk, blob in zip(chunks, entries, strict=True):
-            if len(blob) <= limit:
-                continue
-            for args, kwargs, _ in expand(chunk):
-                size = len(dumps((args, kwargs)))
-                if size > limit:
-                    raise ValueError(f"the arguments of {method} are {size:,} bytes pickled, over packmule's "
-                                     f"limit of {limit:,} bytes (PACKMULE_MAX_PAYLOAD); pass a path or a key to "
-                                     "the data instead, or raise the limit")
-
-    def _entries(self, method: str, chunk: Entries) -> bytes:
-        try:
-            return dumps(chunk)
-        except Exception:
-            for args, kwargs, _ in expand(chunk):
-                self._serialize(f"the arguments of {method}{args!r}"[:300], (args, kwargs))
-            raise
+        return self._queue_outside(method, chunks, entries, digest, runner_blob, (ttr, retries, delay, record))
 
     # --- deferred_result -------------------------------------------------------------
     def deferred_result(self, method_name: str, jobs: Iterable[JobRef], *args: Any, **kwargs: Any) -> Any:
@@ -335,76 +216,6 @@ class Runner:
         ctx.deferreds[path] = Spec(method_name, [r.id for r in refs], (args, kwargs), digest, ttr, retries, delay,
                                    record, len(own))
         return ref_for(self.backend, self.name, gen, path)
-
-    def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
-        """Block until every ref has a value; the values in order, or the first
-        failure.  An unreachable store is ridden out as ``wait()`` does."""
-        state = self._state()
-        ids = [r[0] for r in refs]  # (r.id, without a property call per ref)
-        gen = self._pm_gen
-        head = f"{self.name}/{gen}/"
-        if gen is not None and all(i.startswith(head) for i in ids):
-            key_head, cut = prefix(self.name, gen) + "v:", len(head)  # value_key, the run's part once
-            ref_keys = [key_head + i[cut:] for i in ids]
-        else:
-            gen = None  # inputs from another run: no counter to gate on
-            ref_keys = value_keys(ids)
-        waiter = _Waiter(self, f"{len(ref_keys)} jobs for deferred_result", self.wait_timeout)
-        reader = _ValueReader(state, list(dict.fromkeys(ref_keys)), gen, waiter)  # each value read once
-        while not reader.finished():
-            try:
-                reader.step()
-            except BackendUnavailable as exc:
-                reader.ahead = None  # read again from the first value missing
-                waiter.unreachable(exc)
-        recs, follow = reader.recs, reader.refs_to_follow
-        signer, store = state.signer, state.store
-        trail: list[str] = list(follow.values())
-        while follow:  # values that are JobRefs: follow them to the end
-            try:
-                ends = records(store, signer, list(set(follow.values())), trail)
-            except BackendUnavailable as exc:
-                waiter.unreachable(exc)
-                continue
-            missing = {k: r for k, r in follow.items() if r not in ends}
-            recs.update((k, ends[r]) for k, r in follow.items() if r in ends)
-            follow = missing
-            if missing:
-                waiter.pause(f"{len(missing)} followed JobRefs not done")
-        if gen is not None:
-            self._wait_counted(state, gen, len(reader.keys), waiter, reader.counts)
-        values = []
-        for ref_id, key in zip(ids, ref_keys, strict=True):
-            rec = recs[key]
-            # the common case inline; unwrap raises for a failure (the first, in order)
-            values.append(rec[1] if rec[0] == "ok" else unwrap(rec, ref_id))
-        if not self.record_return_values:
-            store.set_many(dict.fromkeys([*reader.keys, *value_keys(trail)], signer.dumps(GONE)), state.ttl)
-        return values
-
-    @staticmethod
-    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: _Waiter, first: Progress | None) -> None:
-        """A job's value is stored a moment before its worker counts it done (the
-        add decides which execution completes it, then the count follows).  With
-        every value in hand, wait for the counts too, so that the progress read
-        after a blocking deferred_result includes its jobs: ``done`` reaches
-        their number, or the run is complete.  (A worker that died in between
-        is a stall that the waiter recounts.)  ``first``: the counts read with the
-        last values, if any; usually they already say so."""
-        if first is not None and (first.done >= jobs or first.complete):
-            return
-        looks = 0
-        while True:
-            try:
-                now = state.progress(gen, missing_ok=True)
-            except BackendUnavailable as exc:
-                waiter.unreachable(exc)
-                continue
-            if now is None or now.done >= jobs or now.complete:  # (counters gone: nothing to wait for)
-                return
-            looks += 1
-            if looks > 2:  # (the count is usually one store call behind its value: look again at once, twice)
-                waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
 
     # --- reading a run ------------------------------------------------------------------
     def _gen(self) -> str | None:
@@ -459,7 +270,7 @@ class Runner:
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> Progress:
         """Block until the run is complete; returns its final Progress."""
-        waiter = _Waiter(self, "the run to complete", timeout)
+        waiter = Waiter(self, "the run to complete", timeout)
         bar = None
         try:
             while True:
@@ -492,8 +303,8 @@ class Runner:
         ctx = current.get()
         if ctx is not None:
             ctx.backend.queue.touch(ctx.handle)
-            if Watchdog.current is not None:
-                Watchdog.current.touch(ctx.handle)
+            if _job.watchdog is not None:
+                _job.watchdog.touch(ctx.handle)
 
     def cancel(self) -> None:
         """Drop the run's jobs not yet started; waiting on the run raises Cancelled."""
@@ -525,192 +336,7 @@ class Runner:
                                    quiet)
 
 
-FRAMEWORK.add(Runner)
-
-
-class _ValueReader:
-    """How a blocking deferred_result reads its values.  They are read a window of
-    READ_CHUNK keys at a time, from the first one missing on.  While windows come
-    back full, the reader is behind the workers: it asks for the next window
-    before it checks the values of this one, so that the store fetches while it
-    checks.  With a counter to gate on (inputs of this run), values are read only
-    when enough jobs finished since the last look: three counters are cheaper
-    than a thousand values."""
-
-    def __init__(self, state: RunState, keys: list[str], gen: str | None, waiter: _Waiter) -> None:
-        self.state, self.keys, self.gen, self.waiter = state, keys, gen, waiter
-        self.recs: dict[str, tuple[Any, ...]] = {}
-        self.refs_to_follow: dict[str, str] = {}  # value key -> the job id its value refers to
-        self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
-        self.seen_done = self.last_done = -1
-        self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
-        # the run's counters, read with the last window of values (after them): no extra trip to check them
-        self.counters = [] if gen is None else state.counter_keys(gen)
-        self.counts: Progress | None = None
-
-    def finished(self) -> bool:
-        return self.pos >= len(self.keys)
-
-    def step(self) -> None:
-        keys, waiter, state = self.keys, self.waiter, self.state
-        left = len(keys) - self.pos
-        if self.ahead is None:
-            if self.gen is not None and left > 100:
-                now = state.progress(self.gen)
-                assert now is not None
-                if now.done != self.last_done:
-                    # jobs are finishing: keep looking often, so that the values are
-                    # read while workers run and the last ones soon after they exist
-                    self.last_done = now.done
-                    waiter.progressed()
-                if now.done - self.seen_done < min(left, READ_CHUNK) and not now.complete:
-                    waiter.pause(f"{left} of {len(keys)} jobs not done")
-                    return
-                self.seen_done = now.done
-            self.cursor = self.pos
-            self._ask()
-        assert self.ahead is not None
-        window, answer = self.ahead
-        raw = answer()
-        if self.counters and self.counters[0] in raw:  # (asked for with the last window)
-            self.counts = progress_of(self.counters, raw)
-            for k in self.counters:
-                raw.pop(k, None)
-        got = gather(state.store, state.signer, raw)
-        self.ahead = None
-        if len(got) == len(window) and self.cursor < len(keys):
-            self._ask()  # every value asked for was there: more may be, ask for them now
-        for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
-            self.recs[key] = rec
-            if rec[0] == "ref":
-                self.refs_to_follow[key] = rec[1]
-        while self.pos < len(keys) and keys[self.pos] in self.recs:
-            self.pos += 1
-        if self.ahead is None and self.pos < len(keys):
-            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done")
-        else:
-            waiter.progressed()
-
-    def _ask(self) -> None:
-        """Start reading the values of the next window not read yet."""
-        window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
-        last = self.cursor + READ_CHUNK >= len(self.keys)
-        self.ahead = window, self.state.store.get_many_soon(window + self.counters if last else window)
-        self.cursor += READ_CHUNK
-
-
-class _Waiter:
-    """The pacing of a blocking wait: backoff, timeout, cancel/lost checks, no-worker
-    detection, and a log line now and then saying what it waits for."""
-
-    def __init__(self, runner: Runner, what: str, timeout: float | None) -> None:
-        self.runner, self.what, self.timeout = runner, what, timeout
-        self.start = self.last_check = self.last_said = time.monotonic()
-        self.started_at = time.time()  # (wall clock: workers on other machines stamp their notes with it)
-        self.delay = POLL_MIN
-        self.poll_max = max(POLL_MIN, POLL_MAX * _config.delay_scale())  # (PACKMULE_DELAY_SCALE)
-        self.idle_since: float | None = None
-        self.empty_since: float | None = None
-        self.outage_since: float | None = None
-        self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
-        self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
-
-    def progressed(self) -> None:
-        self.delay = POLL_MIN
-        self.outage_since = None
-
-    def unreachable(self, exc: BackendUnavailable) -> None:
-        """A server did not answer: wait for it (workers reconnect too), saying
-        so, up to OUTAGE_GRACE seconds; then give up with its error."""
-        now = time.monotonic()
-        if self.outage_since is None:
-            self.outage_since = now
-            log.warning("run %r: %s; waiting up to %.0fs for it to come back", self.runner.name, exc, OUTAGE_GRACE)
-        elif now - self.outage_since > OUTAGE_GRACE:
-            raise exc
-        time.sleep(0.5)
-
-    def pause(self, status: str) -> None:
-        now = time.monotonic()
-        name = self.runner.name
-        if self.timeout is not None and now - self.start >= self.timeout:
-            raise TimeoutError(f"run {name!r}: waited {self.timeout:g}s for {self.what}; {status}")
-        if now - self.last_check >= 0.5:
-            self.last_check = now
-            try:
-                self._check(now, status)
-                self.outage_since = None
-            except BackendUnavailable as exc:
-                self.unreachable(exc)
-        if now - self.last_said >= STILL_WAITING_EVERY:
-            self.last_said = now
-            log.info("run %r: still waiting for %s (%s)", name, self.what, status)
-        time.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.poll_max)
-
-    def _recount(self, gen: str, quiet: bool) -> bool:
-        """Recount the run (``Runner._recount``); whether it fixed anything.  The
-        next recount without progress waits twice as long."""
-        try:
-            fixed = self.runner._recount(gen, quiet) is not None
-        except (TimeoutError, BackendUnavailable) as exc:  # the lock: another process recounts, or is gone
-            log.warning("run %r: no recount now: %s", self.runner.name, exc)
-            fixed = False
-        now = time.monotonic()
-        if fixed:
-            self.empty_since, self.moved_at, self.recount_after = None, now, STALLED_AFTER
-        else:
-            self.moved_at, self.recount_after = now, min(self.recount_after * 2, RECOUNT_AFTER_MAX)
-        return fixed
-
-    def _check(self, now: float, status: str) -> None:
-        runner = self.runner
-        gen = runner._gen()
-        progress = None
-        if gen is not None:
-            state = runner._state()
-            progress = state.progress(gen)  # raises RunStateLost
-            assert progress is not None
-            if progress.done != self.done_seen:
-                self.done_seen, self.moved_at, self.recount_after = progress.done, now, STALLED_AFTER
-            cancelled, rejected = state.alerts(gen)
-            if cancelled:
-                raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
-            if rejected is not None and rejected[0] >= self.started_at - REJECTED_BEFORE:
-                raise SecretMismatch(
-                    f"run {runner.name!r} ({status}): workers refused jobs signed by this process "
-                    f"{time.time() - rejected[0]:.0f}s ago because their signature does not match: the workers "
-                    f"have another PACKMULE_SECRET (key id {rejected[1]}; this process's is "
-                    f"{state.signer.key_id.hex()}). Every process, drivers and `packmule worker`s, must share "
-                    "the same PACKMULE_SECRET; the refused jobs are buried. Fix the secret, then forget() the "
-                    "run and queue it again")
-        stats = runner.backend.queue.stats()
-        if gen is not None and not (stats.ready or stats.reserved or stats.delayed):
-            self.empty_since = self.empty_since or now
-        else:
-            self.empty_since = None
-        quiet = self.empty_since is not None and now - self.empty_since >= STALLED_AFTER
-        if gen is not None and progress is not None and progress.done < progress.total and (
-                quiet or now - self.moved_at >= self.recount_after):
-            # no progress for a while (or nothing at all queued or running): a
-            # worker may have died between two store writes; recount the run
-            if self._recount(gen, quiet):
-                return
-            if quiet:  # nothing anywhere in the queue, nothing to recount: it will never complete
-                raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
-                                   f"at {status}, and its value records say the same; its state was evicted "
-                                   "or its jobs were lost (see `packmule status`)")
-        if stats.workers > 0 or not (stats.ready or stats.delayed):
-            self.idle_since = None
-            return
-        self.idle_since = self.idle_since or now
-        idle = now - self.idle_since
-        hint = getattr(runner.backend, "worker_hint", "start workers for this backend")
-        if idle >= NO_WORKERS_RAISE:
-            raise NoWorkers(f"run {runner.name!r}: no worker has served the queue for {idle:.0f}s while "
-                            f"{stats.ready} jobs wait ({status}); {hint}")
-        if idle >= NO_WORKERS_WARN and idle - 0.5 < NO_WORKERS_WARN:
-            log.warning("run %r: no worker serves the queue (%d jobs wait); %s", runner.name, stats.ready, hint)
+FRAMEWORK.update((Runner, Enqueuer, Waits))  # (their names are no job methods; RunnerMaker copies their runners)
 
 
 def _bar(name: str) -> Any:

@@ -13,6 +13,8 @@ import threading
 from packmule._worker.serve import serve
 from packmule.backends import local
 
+__all__ = ["main"]
+
 
 def main() -> int:
     logging.basicConfig(level=os.environ.get("PACKMULE_LOG_LEVEL", "WARNING"),

@@ -30,17 +30,16 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from packmule._core.errors import BackendUnavailable
 from packmule._model import census as _census
 from packmule._model.keys import job_id
 from packmule._transport.codec import Signer
 from packmule._transport.wire import Task
+from packmule._worker.outcomes import Outcome
 from packmule.backends.base import Backend
 
-if TYPE_CHECKING:
-    from packmule._worker.engine import Outcome
+__all__ = ["ensure_counted", "mark", "ready_again"]
 
 log = logging.getLogger("packmule")
 

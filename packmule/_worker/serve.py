@@ -14,6 +14,8 @@ from packmule._model.registry import Beat
 from packmule._worker.engine import Engine
 from packmule.backends.base import Backend
 
+__all__ = ["FAILED_BATCH_DELAY", "MAX_BATCH", "QUICK", "SLOW", "serve"]
+
 log = logging.getLogger("packmule")
 
 MAX_BATCH = 32
