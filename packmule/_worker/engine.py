@@ -13,6 +13,8 @@ Exactly-once effects, with jobs that may run twice:
 
 Order, so nothing is lost when a worker dies anywhere: store effects, then the
 queue puts, then the ack.
+
+This module runs the batch; ``packmule._worker.commit`` commits it (``Engine``'s base).
 """
 
 from __future__ import annotations
