@@ -22,8 +22,8 @@ from packmule._core.errors import (
 from packmule._core.types import JobRef, Progress
 from packmule._driver import dashboard as _dashboard
 from packmule._driver.runner import Runner
-from packmule._driver.watcher import Watcher
-from packmule.backends.base import Backend
+from packmule._driver.watcher import Watcher as _Watcher
+from packmule.backends.base import Backend as _Backend
 
 __all__ = [
     "BackendUnavailable",
@@ -47,8 +47,8 @@ __all__ = [
 def _web_serve() -> _dashboard.Serve:
     import packmule.web  # (here, not at the top: the web extra is optional, and only a run that asks needs it)
 
-    def serve(host: str, port: int, backend: Backend) -> str:
-        return packmule.web.serve(host, port, watcher=Watcher(backend), background=True)
+    def serve(host: str, port: int, backend: _Backend) -> str:
+        return packmule.web.serve(host, port, watcher=_Watcher(backend), background=True)
 
     return serve
 
