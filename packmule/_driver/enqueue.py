@@ -46,7 +46,6 @@ class Enqueuer:
         ``entries``, the runner's blob and options checked already)."""
         ttr, retries, delay, record = options
         backend = self.backend
-
         sizes = [count(chunk) for chunk in chunks]
         jobs = sum(sizes)
         if not jobs:

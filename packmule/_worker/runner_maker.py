@@ -50,7 +50,7 @@ class RunnerMaker:
         self.attrs: dict[str, Any] | None = None
         self.state = b""
         # (packmule's own runner classes, packmule.Runner: their pickling keeps only plain attributes)
-        own_pickling = any(cls.__getstate__ is base.__getstate__
+        own_pickling = any(cls.__getstate__ is getattr(base, "__getstate__", None)  # (3.10: object has none)
                            and cls.__setstate__ is getattr(base, "__setstate__", None) for base in FRAMEWORK)
         if own_pickling and all(immutable(v) for v in state.values()):
             self.attrs = self._build(state).__dict__
