@@ -42,7 +42,7 @@ import pytest
 from packmule._core import config as _config
 from packmule._core.errors import JobFailed
 from packmule._core.types import JobRef, Progress
-from packmule._driver import runner as _runner
+from packmule._driver import enqueue as _enqueue
 from packmule._driver.runner import Runner
 from packmule._model.keys import job_id, prefix
 from packmule._model.records import records
@@ -252,7 +252,7 @@ class _BackendForTest:
             self.backend.close(grace=0)
         finally:
             store = id(self.backend.store)  # (what this process stored there is gone with it)
-            _runner._stored_blobs.difference_update({key for key in _runner._stored_blobs if key[0] == store})
+            _enqueue._stored_blobs.difference_update({key for key in _enqueue._stored_blobs if key[0] == store})
             self._restore_env()
 
     def _restore_env(self) -> None:

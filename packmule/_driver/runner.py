@@ -44,8 +44,6 @@ __all__ = ["PUSH_EVERY", "Runner"]
 log = logging.getLogger("packmule")
 
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
-_stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored (a fork child
-#                                               keeps it: what its parent stored is in the same store)
 
 
 class Runner(Enqueuer, Waits):
