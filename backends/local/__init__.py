@@ -3,7 +3,8 @@
 The first process that uses it starts a coordinator process (``coordinator.py``)
 that holds the queue and the store in memory (``core.py``) and listens on a Unix
 socket in a private temp dir, then starts ``PACKMULE_WORKERS`` worker processes
-(``worker.py``) that reach it over that socket, as this process does too.  It
+(``packmule/_worker/local_process.py``: they run the worker loop, a layer above
+the backends) that reach it over that socket, as this process does too.  It
 exports the socket's address and the secret to its environment, so every
 process it starts - workers, and any process a job starts - joins the same
 backend as a client.  A worker that dies is noticed at once (its socket
