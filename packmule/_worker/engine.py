@@ -60,6 +60,9 @@ class Engine(Committer):
         self.queue, self.store = backend.queue, backend.store
         self.watchdog = _job.watchdog = Watchdog(backend.queue)
         self._runners: dict[str, RunnerMaker] = {}
+        # (runner class, method) -> why it is no job method, or None: ``refusal`` asks each of
+        # packmule's runner classes (Runner and its mixins), once per class and method, not per job
+        self._refusals: dict[tuple[type, str], str | None] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
         self.max_payload = _config.max_payload()
         self.delay_scale = _config.delay_scale()  # (PACKMULE_DELAY_SCALE) on retry backoff and POLL_DELAY
@@ -100,6 +103,7 @@ class Engine(Committer):
                 raise LookupError(f"runner {digest} is gone from the store")
             if len(self._runners) >= 1024:
                 self._runners.clear()
+                self._refusals.clear()
             maker = self._runners[digest] = RunnerMaker(self.signer.loads(blob), self.backend)
         return maker()
 
@@ -269,7 +273,8 @@ class Engine(Committer):
               lead: tuple[Any, ...] = ()) -> Outcome:
         try:
             runner = self.runner(t.digest, got)
-            why = refusal(type(runner), method)
+            key = (type(runner), method)
+            why = self._refusals[key] if key in self._refusals else self._refusals.setdefault(key, refusal(*key))
             fn: Callable[..., Any] | None = getattr(runner, method) if why is None else None
         except Exception as exc:
             info = failure_info(t, method, "<not loaded>", exc)
