@@ -164,7 +164,7 @@ class Backend(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_env(cls, env: Mapping[str, str]) -> Backend:
-        """Build the backend from ``PACKMULE_*`` variables (see ``packmule._config``).
+        """Build the backend from ``PACKMULE_*`` variables (see ``packmule._core.config``).
         Connects lazily: an unreachable server fails at first use, naming it."""
 
     @abc.abstractmethod

@@ -55,7 +55,7 @@ FORGET_HEAD = '''
 @pytest.fixture(autouse=True)
 def fresh_backend():
     yield
-    packmule._config.forget_backends()  # a private call: the only isolation there was
+    packmule.backends._choice.forget_backends()  # a private call: the only isolation there was
 '''
 PLAIN_TEST = '''
 

@@ -53,8 +53,9 @@ LONG_RUN = "bench-long-run"  # the running run whose event stream stays open
 # --- the child: make the runs, serve the dashboard until stdin closes ---------------------------
 
 def serve(runs: int) -> None:
-    from packmule._config import get_backend
-    from packmule._registry import Watcher
+    from packmule.backends._choice import get_backend
+
+    from packmule._driver.watcher import Watcher
     from packmule.web import create_app
     from tests.browser import served
 
@@ -249,10 +250,10 @@ def main() -> None:
         serve(a.runs)
         return
     only = set(a.only.split(","))
-    import packmule._registry as registry
+    import packmule._model.registry as registry
 
     if "cost" in only and not hasattr(registry, "ENABLED"):
-        raise SystemExit("packmule._registry has no ENABLED switch (PACKMULE_REGISTRY): measure the cost "
+        raise SystemExit("packmule._model.registry has no ENABLED switch (PACKMULE_REGISTRY): measure the cost "
                          "against the commit before the registry instead")
     for name in a.backends.split(","):
         with contextlib.ExitStack() as stack:

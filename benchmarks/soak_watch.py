@@ -1,6 +1,6 @@
 """What ``benchmarks/soak.py`` keeps around its runs: a watcher that reads each
 run's progress while the driver waits on it and checks ``done <= total`` at
-every read, the dump of a run's tree (``packmule._census``) that shows where
+every read, the dump of a run's tree (``packmule._model.census``) that shows where
 a count went wrong, and CPU hogs (``--load``), because an idle machine hides
 the races that a busy one opens."""
 
@@ -17,11 +17,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from packmule import _census
-from packmule._keys import prefix
-from packmule._runner import Runner, signer_for
-from packmule._spill import gather
-from packmule._types import Progress
+from packmule._core.types import Progress
+from packmule._driver.runner import Runner
+from packmule._model import census as _census
+from packmule._model.keys import prefix
+from packmule._transport.codec import signer_for
+from packmule._transport.spill import gather
 
 EVERY = 0.02  # s between the watcher's reads of one run's progress
 

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import packmule
-from packmule import _engine
+from packmule._model import job as _job
 
 from .runners import lines, note
 
@@ -61,7 +61,7 @@ class Faulty(packmule.Runner):
 
     def counted_late(self, x: int, seconds: float) -> int:
         """Returns ``x``; its worker counts it done ``seconds`` after storing its value."""
-        _engine.FAULTS["after_add"] = lambda: time.sleep(seconds)
+        _job.FAULTS["after_add"] = lambda: time.sleep(seconds)
         return x
 
     def killed_after_add(self, x: int, path: str) -> int:
@@ -69,13 +69,13 @@ class Faulty(packmule.Runner):
         value, before counting it done."""
         if not lines(path):
             note(path, str(os.getpid()))
-            _engine.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+            _job.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x
 
     def fails_listed_late(self, seconds: float) -> None:
         """Fails (for good with max_retries=0); its worker pauses ``seconds`` after
         the commit's counts, before the commit ends."""
-        _engine.FAULTS["after_counts"] = lambda: time.sleep(seconds)
+        _job.FAULTS["after_counts"] = lambda: time.sleep(seconds)
         raise ValueError("listed late")
 
     def noted(self, x: int, path: str) -> int:
@@ -93,7 +93,7 @@ class Faulty(packmule.Runner):
         counted it (and the job that returned it) done."""
         if not lines(path):
             note(path, str(os.getpid()))
-            _engine.FAULTS["after_counts"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+            _job.FAULTS["after_counts"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return sum(values)
 
     def dies_in_commit(self, x: int, path: str, point: str, others: str, count: int) -> int:
@@ -107,17 +107,17 @@ class Faulty(packmule.Runner):
             while len(lines(others)) < count and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(0.3)  # (their commits)
-            _engine.FAULTS[point] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+            _job.FAULTS[point] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return x
 
-    # --- a commit cut short, then its job run again (packmule._recovery) ------------
+    # --- a commit cut short, then its job run again (packmule._worker.recovery) ------------
     def enqueues_then_dies(self, width: int, path: str) -> int:
         """Queues ``width`` jobs and returns; the first time, its worker is killed
         in the commit right after the adds: the value and the commit marker are
         stored, but neither the job nor its children are counted yet."""
         if not lines(path):
             note(path, str(os.getpid()))
-            _engine.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+            _job.FAULTS["after_add"] = lambda: os.kill(os.getpid(), signal.SIGKILL)
         for i in range(width):
             self.enqueue("fine", i)
         return width
@@ -134,7 +134,7 @@ class Faulty(packmule.Runner):
         line in ``path``.paused says so) until the file ``go`` exists (20 s at most)."""
         if not lines(path):
             note(path, str(os.getpid()))
-            _engine.FAULTS["after_counts"] = (lambda: _pause(path + ".paused", go, 20)) if go else (
+            _job.FAULTS["after_counts"] = (lambda: _pause(path + ".paused", go, 20)) if go else (
                 lambda: os.kill(os.getpid(), signal.SIGKILL))
         if enqueues:
             self.enqueue("fine", 1)

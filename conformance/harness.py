@@ -25,13 +25,12 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import psutil
+from packmule.backends._choice import ENTRY_POINT_GROUP, backend_class
 from packmule.backends.base import Backend
-
-from packmule._config import ENTRY_POINT_GROUP, backend_class
 
 HARNESS_GROUP = "packmule.conformance_harnesses"  # NAME = "module:factory", for backends with outside workers
 SUITE_VARS = {"PACKMULE_CONFORMANCE_BACKENDS", "PACKMULE_REQUIRE_CLUSTER"}  # settings of the suite, not of a backend
-# The suite's chunking limit (packmule._spill): payloads over 16 KiB are stored
+# The suite's chunking limit (packmule._transport.spill): payloads over 16 KiB are stored
 # in chunks on every backend, also where the store itself has no item limit.
 SPILL_VAR, SPILL_ABOVE = "PACKMULE_SPILL_ABOVE", "16384"
 

@@ -41,7 +41,7 @@ Span = tuple[float, float]  # (monotonic time a call started, time it returned)
 
 def connect(env: Mapping[str, str]) -> Backend:
     """The backend ``env`` names, built as any process of it builds it."""
-    from packmule._config import backend_class
+    from packmule.backends._choice import backend_class
 
     return backend_class(env.get("PACKMULE_BACKEND") or "local").from_env(env)
 

@@ -1,4 +1,4 @@
-"""A commit cut short, and the job run again (``packmule._recovery``): at no
+"""A commit cut short, and the job run again (``packmule._worker.recovery``): at no
 moment is ``done`` over ``total``, and the run completes with exact counts,
 also while other runs keep the queue busy (a recount queues a lost
 continuation only when nothing at all is queued or running).  And an outside
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 import packmule
-from packmule._keys import prefix
+from packmule._model.keys import prefix
 
 from .faulty import Faulty
 from .harness import Harness

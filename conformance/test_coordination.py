@@ -10,7 +10,7 @@ import pytest
 from packmule.backends.base import Put
 
 import packmule
-from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, pointer, prefix
+from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, pointer, prefix
 
 from .hostile import Boom
 from .runners import Flaky, Plain, Unpicklable, Worky, lines
@@ -103,7 +103,7 @@ JOB_KEYS = tuple(f for f in PATH_FIELDS if f != "gap:")  # per job path
 
 def _generation_keys(name: str, gen: str, width: int = 6, depth: int = 3) -> list[str]:
     """Every key of run ``name``'s generation ``gen`` that the engine's key
-    layout (packmule/_state.py) can name, for root jobs 0..width-1 and jobs up
+    layout (packmule/_model/records.py) can name, for root jobs 0..width-1 and jobs up
     to ``depth`` levels below them, each with up to ``width`` children."""
     p = prefix(name, gen)
     keys = [pointer(name), *(p + k for k in RUN_FIELDS)]

@@ -13,10 +13,12 @@ import pytest
 from packmule.backends.base import Put
 
 import packmule
-from packmule import _config, _keys
-from packmule._keys import FAILED_FIELD, GLOBAL_PREFIXES, PATH_FIELDS, RUN_FIELDS
-from packmule._runner import Runner, signer_for
-from packmule._tracebacks import MESSAGE_MAX, TRACEBACK_MAX
+from packmule._core import config as _config
+from packmule._core.tracebacks import MESSAGE_MAX, TRACEBACK_MAX
+from packmule._driver.runner import Runner
+from packmule._model import keys as _keys
+from packmule._model.keys import FAILED_FIELD, GLOBAL_PREFIXES, PATH_FIELDS, RUN_FIELDS
+from packmule._transport.codec import signer_for
 
 from .hostile import KINDS, TYPE_NAMES, Boom, Gate, Hostile
 from .runners import lines

@@ -1,5 +1,5 @@
 """What the dashboard reads, on every backend: the registry of recent runs,
-the live workers' beats, and the totals from every worker (packmule/_registry.py)."""
+the live workers' beats, and the totals from every worker (packmule/_model/registry.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import uuid
 
 import psutil
 
-from packmule._keys import pointer
-from packmule._registry import BEAT, RUN_SLOTS, Watcher
-from packmule._runner import signer_for
-from packmule._state import RunState
+from packmule._driver.run_state import RunState
+from packmule._driver.watcher import Watcher
+from packmule._model.keys import pointer
+from packmule._model.registry import BEAT, RUN_SLOTS
+from packmule._transport.codec import signer_for
 
 from .faulty import Faulty
 from .harness import Harness
@@ -133,7 +134,7 @@ def _serving(pids: list[int]) -> list[int]:
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             cmdline = " ".join(psutil.Process(pid).cmdline())
-            if "packmule.backends.local.worker" in cmdline or "packmule._cluster_worker --child" in cmdline:
+            if "packmule._worker.local_process" in cmdline or "packmule._worker.supervisor --child" in cmdline:
                 out.append(pid)
     return out
 

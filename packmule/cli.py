@@ -15,11 +15,14 @@ import os
 import sys
 import time
 
-from packmule import _cluster_worker, _config
-from packmule._errors import PackMuleError
-from packmule._keys import check_name, job_id, prefix
-from packmule._runner import Runner, signer_for
-from packmule._state import records
+from packmule._core import config as _config
+from packmule._core.errors import PackMuleError
+from packmule._driver.runner import Runner
+from packmule._model.keys import check_name, job_id, prefix
+from packmule._model.records import records
+from packmule._transport.codec import signer_for
+from packmule._worker import supervisor as _supervisor
+from packmule.backends import _choice
 
 
 def status(name: str) -> int:
@@ -96,7 +99,7 @@ LOCAL_DASHBOARD = (
 def dashboard(host: str, port: int, token: str | None) -> int:
     token = token or _config.dashboard_token()
     try:
-        from packmule.web._serve import check_exposure
+        from packmule.web._serve import check_exposure  # (here: the web extra is optional)
     except ImportError as exc:
         print(f"packmule dashboard: {exc}", file=sys.stderr)
         return 1
@@ -105,11 +108,11 @@ def dashboard(host: str, port: int, token: str | None) -> int:
     except ValueError as exc:
         print(f"packmule dashboard: {exc}", file=sys.stderr)
         return 2
-    backend = os.environ.get("PACKMULE_BACKEND") or _config.DEFAULT_BACKEND
+    backend = os.environ.get("PACKMULE_BACKEND") or _choice.DEFAULT_BACKEND
     if backend == "local" and not os.environ.get("PACKMULE_LOCAL_ADDRESS"):
         print(f"packmule dashboard: {LOCAL_DASHBOARD}", file=sys.stderr)
         return 2
-    import packmule.web
+    import packmule.web  # (as above)
 
     print(f"packmule dashboard: serving http://{host}:{port}/ for the {backend} backend (Ctrl-C stops it)",
           file=sys.stderr, flush=True)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="serve the queue on this machine")
-    _cluster_worker.add_arguments(worker)
+    _supervisor.add_arguments(worker)
     st = sub.add_parser("status", help="a run's progress, failures and queue")
     st.add_argument("name")
     pr = sub.add_parser("progress", help="a run's progress")
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.command == "worker":
-            return _cluster_worker.worker_main(a)
+            return _supervisor.worker_main(a)
         if a.command == "dashboard":
             return dashboard(a.host, a.port, a.token)
         if a.command == "status":

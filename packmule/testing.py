@@ -10,7 +10,7 @@ default ``DEFAULT_WORKERS``), an empty store, a secret of its own.  While the
 test runs, every ``packmule.Runner`` that is given no backend (or ``"local"``)
 uses it, and the delays packmule picks itself (retry backoff, polls) are scaled
 by ``delay_scale`` (default ``DEFAULT_DELAY_SCALE``; ``PACKMULE_DELAY_SCALE``
-in ``packmule._config``), so a retried job does not make the test wait.  At
+in ``packmule._core.config``), so a retried job does not make the test wait.  At
 teardown its processes are killed at once, by PID: nothing of the test is left
 for the next one, and nothing keeps the pytest process from exiting.
 
@@ -39,13 +39,16 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from packmule import _config, _runner
-from packmule._errors import JobFailed
-from packmule._keys import job_id, prefix
-from packmule._runner import Runner, signer_for
-from packmule._spill import gather
-from packmule._state import records
-from packmule._types import JobRef, Progress
+from packmule._core import config as _config
+from packmule._core.errors import JobFailed
+from packmule._core.types import JobRef, Progress
+from packmule._driver import enqueue as _enqueue
+from packmule._driver.runner import Runner
+from packmule._model.keys import job_id, prefix
+from packmule._model.records import records
+from packmule._transport.codec import signer_for
+from packmule._transport.spill import gather
+from packmule.backends import _choice
 from packmule.backends.base import Backend
 
 DEFAULT_WORKERS = 2  # worker processes of a test's backend: enough for parallelism, quick to start
@@ -64,7 +67,7 @@ class BackendFixture:
     whether the fixture started it (False: it stepped aside for the backend
     ``PACKMULE_BACKEND`` names)."""
 
-    def __init__(self, backend: Backend, scope: _config.Scope, local: bool) -> None:
+    def __init__(self, backend: Backend, scope: _choice.Scope, local: bool) -> None:
         self.backend, self._scope, self.local = backend, scope, local
 
     def __repr__(self) -> str:
@@ -197,7 +200,7 @@ class _Options:
 def steps_aside(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
     """Whether the fixture leaves the backend to ``PACKMULE_BACKEND`` (it names one other than local)."""
     env = os.environ if env is None else env
-    return env.get("PACKMULE_BACKEND", _config.DEFAULT_BACKEND) not in ("", "local")
+    return env.get("PACKMULE_BACKEND", _choice.DEFAULT_BACKEND) not in ("", "local")
 
 
 def backend_for_test(workers: int = DEFAULT_WORKERS,
@@ -213,11 +216,13 @@ class _BackendForTest:
         self.workers, self.delay_scale = workers, delay_scale
 
     def __enter__(self) -> BackendFixture:
-        from packmule.backends import local
+        from packmule.backends import (
+            local,  # (here: 10 ms of every pytest session, -X importtime; only a test's own backend needs it)
+        )
 
-        scope = _config.Scope(None)
+        scope = _choice.Scope(None)
         if steps_aside():
-            self.local, self.backend = False, _config.get_backend()
+            self.local, self.backend = False, _choice.get_backend()
         else:
             # the variables the test's backend sets for its workers (and jobs' subprocesses)
             watched = (local.ADDRESS_VAR, local.SECRET_VAR, _config.DELAY_SCALE_VAR)
@@ -231,23 +236,23 @@ class _BackendForTest:
                 raise
             scope.backend = self.backend
         self.scope = scope
-        self.previous = _config.set_scope(scope)
+        self.previous = _choice.set_scope(scope)
         return BackendFixture(self.backend, scope, self.local)
 
     def __exit__(self, *exc: object) -> None:
-        _config.set_scope(self.previous)
+        _choice.set_scope(self.previous)
         if not self.local:
             for name in dict.fromkeys(name for name, _ in self.scope.runs):
                 Runner(name, backend=self.backend).forget()  # the next test of that name starts afresh
             return
-        from packmule.backends.local import LocalBackend
+        from packmule.backends.local import LocalBackend  # (as above)
 
         assert isinstance(self.backend, LocalBackend)
         try:
             self.backend.close(grace=0)
         finally:
             store = id(self.backend.store)  # (what this process stored there is gone with it)
-            _runner._stored_blobs.difference_update({key for key in _runner._stored_blobs if key[0] == store})
+            _enqueue._stored_blobs.difference_update({key for key in _enqueue._stored_blobs if key[0] == store})
             self._restore_env()
 
     def _restore_env(self) -> None:

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.browser, tests.web_runners
 os.environ.setdefault("PACKMULE_WORKERS", "2")
 
-from packmule._config import get_backend  # noqa: E402
-from packmule._registry import Watcher  # noqa: E402
+from packmule.backends._choice import get_backend  # noqa: E402
+
+from packmule._driver.watcher import Watcher  # noqa: E402
 from packmule.web import create_app  # noqa: E402
 from tests.browser import WINDOW, browser_missing, served, start_chromium  # noqa: E402
 from tests.web_runners import Gated  # noqa: E402

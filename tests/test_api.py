@@ -5,9 +5,10 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from packmule.backends import _choice
 
 import packmule
-from packmule._codec import Forged, Signer
+from packmule._transport.codec import Forged, Signer
 
 
 def test_public_names_are_pinned():
@@ -52,10 +53,9 @@ def test_a_signed_blob_round_trips_and_a_tampered_one_is_refused_before_unpickli
 
 
 def test_an_unknown_backend_name_says_which_are_installed(monkeypatch):
-    from packmule import _config
 
     with pytest.raises(ValueError, match="installed backends: .*local"):
-        _config.backend_class("no-such-backend")
+        _choice.backend_class("no-such-backend")
 
 
 def test_a_job_failed_error_carries_the_remote_failure():
@@ -123,7 +123,7 @@ def test_a_coordinator_that_never_answers_the_handshake_is_reported_not_waited_o
 
     from packmule.backends import local
 
-    from packmule._errors import BackendUnavailable
+    from packmule._core.errors import BackendUnavailable
 
     monkeypatch.setattr(local.client, "CONNECT_TIMEOUT", 0.5)
     address = str(tmp_path / "mute.sock")

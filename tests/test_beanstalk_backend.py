@@ -33,7 +33,7 @@ from packmule.backends.beanstalk.store import MAX_TTL, expiry, memcached_key  # 
 from pymemcache.client.base import Client as MemcacheClient  # noqa: E402
 
 from conformance.servers import Beanstalkd, Memcached, ZooKeeper, free_port, servers_installed  # noqa: E402
-from packmule._errors import BackendUnavailable  # noqa: E402
+from packmule._core.errors import BackendUnavailable  # noqa: E402
 
 MISSING = servers_installed()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")

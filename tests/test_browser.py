@@ -63,7 +63,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module", params=["local", "beanstalk"])
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     require_browser()
-    from packmule._registry import Watcher
+    from packmule._driver.watcher import Watcher
     from packmule.web import create_app
 
     harness = local_harness() if request.param == "local" else beanstalk_harness(concurrency=2)
@@ -159,13 +159,13 @@ def test_cancel_on_a_running_runs_page_stops_it_and_the_page_says_so(stack, brow
 @pytest.fixture
 def example_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     """The stack's backend named by the environment, as the example page finds it."""
-    from packmule import _config
+    from packmule.backends import _choice
 
     for var, value in stack.harness.env.items():
         monkeypatch.setenv(var, value)
     yield stack
     if stack.harness.backend.name != "local":  # a local one is a client of the harness's coordinator
-        _config.get_backend().close()
+        _choice.get_backend().close()
 
 
 def test_the_example_pages_progress_element_reaches_101_of_101(example_env, browser):

@@ -98,7 +98,7 @@ def test_a_process_that_never_ran_a_job_starts_its_workers_before_it_forks(tmp_p
 
 DASHBOARD_CHILD = """
 import json, os, signal, sys
-from packmule import _dashboard
+from packmule._driver import dashboard as _dashboard
 from packmule.conformance.runners import Tree
 
 Tree(None).root(2)  # the first run: this process serves the dashboard

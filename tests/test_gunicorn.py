@@ -136,7 +136,8 @@ def load(client: httpx.Client) -> list[tuple[str, int, dict[str, Any]]]:
 def packmule_processes(master: int) -> set[int]:
     """The local backend's coordinator and workers: processes the master started besides gunicorn's workers."""
     return {child.pid for child in psutil.Process(master).children()
-            if any("packmule.backends.local" in part for part in child.cmdline())}
+            if any(module in part for part in child.cmdline()
+                   for module in ("packmule.backends.local", "packmule._worker.local_process"))}
 
 
 def gunicorn_workers(master: int) -> set[int]:

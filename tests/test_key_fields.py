@@ -9,7 +9,7 @@ import pathlib
 import re
 
 import packmule
-from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS
+from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS
 
 SOURCE = pathlib.Path(packmule.__file__).parent
 # `p + "done"`, `o.p + "cm:" + path`, `prefix(name, gen) + "cancel"`, f"{p}f:{k}"

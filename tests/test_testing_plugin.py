@@ -18,10 +18,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from packmule.backends import local
+from packmule.backends import _choice, local
 
 import packmule
-from packmule import _config
+from packmule._core import config as _config
 from packmule.testing import BackendFixture, _Options, backend_for_test, steps_aside
 
 HERE = Path(__file__).parent
@@ -131,7 +131,7 @@ def test_each_backend_is_fresh_and_stopped_at_once_with_nothing_left():
 
 
 def test_a_test_without_the_fixture_sees_no_trace_of_the_plugin():
-    assert _config._scope is None
+    assert _choice._scope is None
     assert _config.DELAY_SCALE_VAR not in os.environ and local.ADDRESS_VAR not in os.environ
 
 

@@ -33,7 +33,8 @@ import packmule.web  # noqa: E402
 from conformance.harness import Harness, beanstalk_harness, local_harness  # noqa: E402
 from conformance.runners import Flaky  # noqa: E402
 from conformance.servers import free_port  # noqa: E402
-from packmule._registry import BEAT, Watcher  # noqa: E402
+from packmule._driver.watcher import Watcher
+from packmule._model.registry import BEAT  # noqa: E402
 from packmule.examples.sleepy import SleepyRunner  # noqa: E402
 
 WAIT = 60.0  # s: the longest any run or poll here may take before the test fails

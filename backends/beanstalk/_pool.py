@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
-from packmule._config import split_servers
-from packmule._errors import BackendUnavailable
-from packmule._fork import forget_at_fork
+from packmule._core.config import split_servers
+from packmule._core.errors import BackendUnavailable
+from packmule._core.fork import forget_at_fork
 
 
 class Servers(NamedTuple):

@@ -31,7 +31,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.lock import Lock
 
-from packmule._fork import forget_at_fork
+from packmule._core.fork import forget_at_fork
 
 from ._pool import Servers
 

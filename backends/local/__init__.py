@@ -3,7 +3,8 @@
 The first process that uses it starts a coordinator process (``coordinator.py``)
 that holds the queue and the store in memory (``core.py``) and listens on a Unix
 socket in a private temp dir, then starts ``PACKMULE_WORKERS`` worker processes
-(``worker.py``) that reach it over that socket, as this process does too.  It
+(``packmule/_worker/local_process.py``: they run the worker loop, a layer above
+the backends) that reach it over that socket, as this process does too.  It
 exports the socket's address and the secret to its environment, so every
 process it starts - workers, and any process a job starts - joins the same
 backend as a client.  A worker that dies is noticed at once (its socket
@@ -32,8 +33,8 @@ from collections.abc import Mapping
 from packmule.backends.base import Backend
 from packmule.backends.local.client import ADDRESS_VAR, SECRET_VAR, LocalClient, _lock
 
-from packmule._errors import BackendUnavailable
-from packmule._fork import forget_at_fork
+from packmule._core.errors import BackendUnavailable
+from packmule._core.fork import forget_at_fork
 
 __all__ = ["ADDRESS_VAR", "SECRET_VAR", "BackendUnavailable", "LocalBackend", "LocalClient"]
 
@@ -149,7 +150,7 @@ class LocalBackend(Backend):
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
                    PACKMULE_WORKER_POOL=str(self.workers))  # (for the dashboard)
-        return subprocess.Popen([sys.executable, "-m", "packmule.backends.local.worker"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "packmule._worker.local_process"], env=env,
                                 stdin=subprocess.DEVNULL)
 
     def _supervise(self) -> None:
@@ -213,6 +214,7 @@ class LocalBackend(Backend):
 
 
 _coordinator: LocalBackend | None = None
+LocalClient.owner = LocalBackend  # (a client's from_env is the backend's)
 _client: LocalClient | None = None
 
 

@@ -12,13 +12,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Client, Connection
-from typing import Any
+from typing import Any, ClassVar
 
 from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import receive, send
 
-from packmule._errors import BackendUnavailable
-from packmule._fork import forget_at_fork
+from packmule._core.errors import BackendUnavailable
+from packmule._core.fork import forget_at_fork
 
 ADDRESS_VAR, SECRET_VAR = "PACKMULE_LOCAL_ADDRESS", "PACKMULE_LOCAL_SECRET"
 MAX_UNANSWERED = 64  # requests a client posts before it reads their answers
@@ -93,6 +93,7 @@ class LocalClient(Backend):
     ``get_many_soon`` read is answered while its caller works on."""
 
     name = "local"
+    _conn: Connection | None
 
     def __init__(self, address: str, secret: bytes, role: str = "client") -> None:
         self.address, self._secret, self._role = address, secret, role
@@ -113,7 +114,7 @@ class LocalClient(Backend):
             self._role = "client"
         self.pid = os.getpid()
         self._lock = threading.Lock()
-        self._conn: Connection | None = None  # (None only in a fork child, until its first request)
+        self._conn = None  # (None only in a fork child, until its first request)
         # requests sent whose answers are not read yet, oldest first; None for a posted one
         self._unanswered: deque[_Answer | None] = deque()
         self._failure: BaseException | None = None  # the first failure of a posted request, not raised yet
@@ -145,11 +146,12 @@ class LocalClient(Backend):
             self._conn = self._open()[0]
         return self._conn
 
+    # LocalBackend, set by the package (which imports this module): whose from_env a client's is
+    owner: ClassVar[type[Backend]]
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Backend:
-        from packmule.backends.local import LocalBackend  # (the package imports this module)
-
-        return LocalBackend.from_env(env)
+        return LocalClient.owner.from_env(env)
 
     def _call(self, op: str, *args: Any) -> Any:
         """Send a request and wait for its answer."""

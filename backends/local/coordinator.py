@@ -22,7 +22,9 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from typing import Any
 
+from packmule.backends.local.client import ADDRESS_VAR, SECRET_VAR
 from packmule.backends.local.core import Core, call, receive, send
 
 log = logging.getLogger("packmule")
@@ -74,7 +76,7 @@ class Coordinator:
                     if worker:
                         with core.cond:
                             core.workers += 1
-                    result = ("ok", core.server)
+                    result: tuple[str, Any] = ("ok", core.server)
                 else:
                     try:
                         result = ("ok", call(core, owner, op, args))
@@ -108,8 +110,6 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("PACKMULE_LOG_LEVEL", "WARNING"),
                         format=f"packmule coordinator {os.getpid()}: %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the user's process
-    from packmule.backends.local import ADDRESS_VAR, SECRET_VAR
-
     # Requests are unpickled into short-lived dicts and lists by the thousand: the
     # default threshold (700) would walk them, and the ever larger store, often.
     gc.freeze()

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -22,14 +22,12 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from packmule import _config
-from packmule._keys import NAME_RE
+from packmule._core import config as _config
+from packmule._driver.watcher import RunInfo, Watcher
+from packmule._model.keys import NAME_RE
 from packmule.web import _pages
 from packmule.web._metrics import exposition
 from packmule.web._security import Guard
-
-if TYPE_CHECKING:
-    from packmule._registry import RunInfo, Watcher
 
 Allow = Callable[[Request, str, str], "bool | Awaitable[bool]"]
 EVENT_EVERY = 0.5  # s between two looks at a run for its event stream
@@ -59,8 +57,6 @@ class _Views:
         if self._watcher is None:
             with self._lock:
                 if self._watcher is None:
-                    from packmule._registry import Watcher
-
                     self._watcher = Watcher()
         return self._watcher
 
@@ -196,7 +192,7 @@ def create_app(watcher: Watcher | None = None, *, token: str | None = None, allo
                loopback_hosts_only: bool = False) -> Starlette:
     """The dashboard as a Starlette app, to serve or to mount under a prefix.
 
-    ``watcher``: the ``packmule._registry.Watcher`` to read (None: one for the backend the
+    ``watcher``: the ``packmule._driver.watcher.Watcher`` to read (None: one for the backend the
     PACKMULE_* variables name, built at the first request).  ``token``: required on every
     request when given.  ``allow(request, run_name, action) -> bool`` (or an awaitable),
     action in 'view', 'cancel', 'forget': whether this request may see the run (its row,

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from packmule._registry import Watcher
+    from packmule._driver.watcher import Watcher
 
 QUEUE_STATES = ("ready", "reserved", "delayed", "buried")
 

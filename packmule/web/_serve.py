@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from packmule import _config
+from packmule._core import config as _config
 from packmule.web._app import create_app
 
 if TYPE_CHECKING:
-    from packmule._registry import Watcher
+    from packmule._driver.watcher import Watcher
 
 START_TIMEOUT = 10.0  # s a background server may take to start listening
 STOP_TIMEOUT = 10.0  # s Dashboard.stop() waits for the server to end

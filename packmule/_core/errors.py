@@ -17,6 +17,9 @@ the backend boundary.
 
 from __future__ import annotations
 
+__all__ = ["BackendUnavailable", "Cancelled", "JobFailed", "NoWorkers", "NotReady", "PackMuleError", "RunStateLost",
+           "SecretMismatch", "ValuesNotRecorded"]
+
 
 class PackMuleError(Exception):
     """The root of every error packmule raises on its own account."""

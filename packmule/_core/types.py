@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["JobRef", "Progress"]
+
 
 class JobRef(tuple[str, str]):
     """A reference to a queued job: ``(id, server)``.

@@ -29,7 +29,7 @@ Keys (``P`` = ``pm/<name>/<gen>/``)::
     pm-blob:<digest>     a pickled runner, stored once per state
     pm-body:<digest>:<i> chunks of a queue body too large for the queue (``_spill``)
     pm-rejected:<keyid>  "<time> <worker key id>": workers refused jobs signed by that secret
-    pm-reg:* pm-stats:*  what a dashboard reads (``_registry``)
+    pm-reg:* pm-stats:*  what a dashboard reads (``_model.registry``)
 
 A value too large for one store item is kept in chunks under its own key
 followed by ``#<digest>:<i>`` (``_spill``); ``#`` is in no field.

@@ -1,9 +1,6 @@
-"""A run's state in the store: the reads and writes the driver makes (start
-or join a run, read progress, read values).  The keys are ``packmule._keys``'s.
-
-Value records (signed pickles): ``('ok', value)``, ``('ref', job id)``,
-``('err', failure info)``, ``('gone',)`` (consumed, not recorded), ``('void',)``
-(its enqueue failed: it never ran and never counts).
+"""A run's state in the store as the driver reads and writes it (``RunState``):
+start or join a generation, read progress, alerts and values.  The keys are
+``packmule._model.keys``'s; the value records ``packmule._model.records``'s.
 """
 
 from __future__ import annotations
@@ -12,17 +9,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from packmule._codec import Signer
-from packmule._errors import JobFailed, NotReady, RunStateLost, ValuesNotRecorded
-from packmule._keys import COUNTERS, job_id, pointer, prefix, rejected_key, value_key
-from packmule._registry import note_run
-from packmule._spill import gather
-from packmule._types import JobRef, Progress
-from packmule._wire import shard
-from packmule.backends.base import Backend, Store
+from packmule._core.errors import RunStateLost
+from packmule._core.types import JobRef, Progress
+from packmule._model.keys import COUNTERS, job_id, pointer, prefix, rejected_key
+from packmule._model.records import records
+from packmule._model.registry import note_run
+from packmule._transport.codec import Signer
+from packmule._transport.wire import shard
+from packmule.backends.base import Backend
 
-GONE = ("gone",)
-VOID = ("void",)  # the value of a job whose enqueue failed: it never counts, and a stray copy never runs
+__all__ = ["RunState", "new_gen", "progress_of", "ref_for"]
 
 
 def new_gen() -> str:
@@ -113,50 +109,6 @@ class RunState:
 
     def records(self, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         return records(self.store, self.signer, ids)
-
-
-def records(
-    store: Store, signer: Signer, ids: Sequence[str], trail: list[str] | None = None
-) -> dict[str, tuple[Any, ...]]:
-    """Final value records of these job ids, following ``('ref', id)`` to the
-    end; ids whose value does not exist yet are left out.  ``trail`` collects
-    the ids passed through on the way (to mark them consumed)."""
-    pending = {i: i for i in ids}  # asked id -> id whose record we need now
-    out: dict[str, tuple[Any, ...]] = {}
-    for _ in range(1000):
-        if not pending:
-            return out
-        keys = {value_key(cur): asked for asked, cur in pending.items()}
-        got = gather(store, signer, store.get_many(list(keys)))
-        nxt = {}
-        for key, asked in keys.items():
-            raw = got.get(key)
-            if raw is None:
-                continue
-            rec = signer.loads(raw)
-            if rec[0] == "ref":
-                nxt[asked] = rec[1]
-                if trail is not None:
-                    trail.append(rec[1])
-            else:
-                out[asked] = rec
-        pending = nxt
-    raise RunStateLost("a chain of 1000 JobRefs: does a job return a reference to itself?")
-
-
-def unwrap(record: Any, ref_id: str) -> Any:
-    """The value in a final record, or the error it stands for."""
-    kind = record[0]
-    if kind == "ok":
-        return record[1]
-    if kind == "err":
-        raise JobFailed(record[1])
-    if kind == "gone":
-        raise ValuesNotRecorded(
-            f"the value of {ref_id} was not recorded: the runner has record_return_values=False "
-            "(set it to True to read values with get_return_value)"
-        )
-    raise NotReady(f"{ref_id} has no value yet")
 
 
 def ref_for(backend: Backend, name: str, gen: str, path: str) -> JobRef:

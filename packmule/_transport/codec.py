@@ -5,17 +5,22 @@ checks the tag (in constant time) before it unpickles anything, so a forged or
 unsigned blob is refused with :class:`Forged` and never reaches pickle.  The key
 id (8 bytes of a keyed hash of the secret, no use for forging) only names which
 secret signed a blob, so that a worker that refuses a job can say whose it was.
+``signer_for(backend)``: the one Signer of a backend's secret.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import pickle
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
+
+if TYPE_CHECKING:
+    from packmule.backends.base import Backend
 
 try:
     # OpenSSL's HMAC object itself, not the pure-Python hmac.HMAC wrapper around
@@ -24,6 +29,8 @@ try:
     from _hashlib import hmac_new as _hmac_new
 except ImportError:  # no OpenSSL-backed _hashlib: the same HMAC, slower
     _hmac_new = hmac.new  # type: ignore[assignment]
+
+__all__ = ["HEAD", "KEY_ID", "PROTOCOL", "TAG", "Forged", "Signer", "dumps", "key_id", "signer_for"]
 
 KEY_ID = 8  # bytes naming the secret
 TAG = 32  # bytes of HMAC-SHA256
@@ -110,3 +117,9 @@ class Signer:
     def loads_many(self, blobs: Iterable[bytes]) -> list[Any]:
         """``loads`` of each blob; every one is checked before any is unpickled."""
         return list(map(pickle.loads, self.payloads(blobs)))
+
+
+@functools.cache
+def signer_for(backend: Backend) -> Signer:
+    """The Signer of ``backend``'s secret, one per backend object."""
+    return Signer(backend.secret())

@@ -8,11 +8,13 @@ import logging
 import threading
 import time
 
-from packmule import _config
-from packmule._engine import Engine
-from packmule._errors import BackendUnavailable
-from packmule._registry import Beat
+from packmule._core import config as _config
+from packmule._core.errors import BackendUnavailable
+from packmule._model.registry import Beat
+from packmule._worker.engine import Engine
 from packmule.backends.base import Backend
+
+__all__ = ["FAILED_BATCH_DELAY", "MAX_BATCH", "QUICK", "SLOW", "serve"]
 
 log = logging.getLogger("packmule")
 

@@ -25,11 +25,12 @@ from typing import Any
 
 from packmule.backends.base import Queue
 
+__all__ = ["TICK", "Watchdog"]
+
 TICK = 0.25  # s between looks
 
 
 class Watchdog:
-    current: Watchdog | None = None  # this worker process's, for Runner.touch
     # Where this process publishes the wall-clock time by which it must have handed
     # back what it holds (0: it holds nothing), for a supervisor to read.
     report: Callable[[float], None] | None = None

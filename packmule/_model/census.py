@@ -6,7 +6,7 @@ The tree is found from keys the engine writes anyway: outside jobs have the
 paths ``0 .. seq-1`` less the gaps an outside enqueue left (``gap:<path>``);
 a job that enqueued has ``cm:<path>`` = the number of positions it used
 (``"<n> counted"`` once its children are counted in ``total``, see
-``packmule._recovery``), and its children are ``<path>.0 ..``; a position that
+``packmule._worker.recovery``), and its children are ``<path>.0 ..``; a position that
 holds a continuation has a ``spec:<path>``.
 
 Why a recount is needed: on a store without multi-key transactions (memcached)
@@ -27,11 +27,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from packmule._codec import Signer
-from packmule._keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, recount_lock
-from packmule._spill import gather
-from packmule._wire import Task, encode
+from packmule._model.job import Spec
+from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, recount_lock
+from packmule._transport.codec import Signer
+from packmule._transport.spill import gather, spill_bodies
+from packmule._transport.wire import Task, encode
 from packmule.backends.base import Backend, Store
+
+__all__ = ["COUNTED", "LOCK_TIMEOUT", "READ", "SETTLE", "Node", "counted", "delete", "lock_run", "positions", "read",
+           "recount", "run_keys", "walk"]
 
 log = logging.getLogger("packmule")
 
@@ -136,8 +140,6 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
     that is not complete is not queued either (its put was lost with a queue
     server, or with the worker that counted its last input): queue it too.
     Returns what it fixed, or None if there was nothing to fix."""
-    from packmule._engine import Spec  # (the engine imports this module's users)
-
     store = backend.store
     nodes = walk(store, p, with_values=True)
     # The counters are read a while after the values: a live worker's commit
@@ -151,9 +153,46 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
     specs = {path: Spec(**signer.loads(n.spec)) for path, n in nodes.items() if n.spec is not None}
     fixes: list[str] = []
 
+    _hand_off(store, signer, name, gen, p, ttl, records, specs, fixes)
+
+    jobs = [path for path, n in nodes.items() if n.spec is None and records.get(path) != ("void",)]
+    total = len(jobs)
+    done = sum(1 for path in jobs if path in records)
+    failed = sum(1 for path in jobs if _failed_job(records, specs, name, gen, path))
+    counters = store.get_many([p + "total", p + "done", p + "failed"])
+    if len(counters) < 3:
+        return None  # the state is really gone: nothing to recount into
+    deltas: dict[str, int] = {}
+    for key, true in (("total", total), ("done", done), ("failed", failed)):
+        now = int(counters[p + key])
+        if true > now:
+            deltas[p + key] = true - now
+            fixes.append(f"{key} {now} -> {true}")
+
+    arrived = _arrived(store, name, gen, p, records, specs, quiet, deltas)
+    results = store.incr_many(deltas) if deltas else {}
+    # queued by whoever's increment completes the count; when all is quiet, any
+    # whose count is complete (a polled one, counted 0, checks its inputs itself)
+    ready = [Task(name, gen, path, None, (), {}, spec.digest, spec.ttr, spec.max_retries, spec.retry_delay,
+                  spec.record, ())
+             for key, (count, spec, path) in arrived.items()
+             if (results.get(key) == spec.counted if key in deltas else quiet and count >= spec.counted)]
+    if ready:
+        backend.queue.put_many(list(spill_bodies(backend, signer, encode(signer, ready), ttl)))
+        fixes.append(f"{len(ready)} continuations queued")
+    if not fixes:
+        return None
+    log.warning("run %r (generation %s) was stalled; recounted from its value records: %s", name, gen,
+                ", ".join(fixes))
+    return ", ".join(fixes)
+
+
+def _hand_off(store: Store, signer: Signer, name: str, gen: str, p: str, ttl: float, records: dict[str, Any],
+              specs: dict[str, Spec], fixes: list[str]) -> None:
+    """(``recount``) Apply the hand-offs of the continuations that have a value."""
     # a continuation that completed but died before it handed its value to the
     # jobs that returned it
-    handoffs = {}
+    handoffs: dict[str, bytes] = {}
     for path, spec in specs.items():
         if path in records:
             for finished, _ in spec.finishes:
@@ -164,34 +203,26 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
         store.set_many(handoffs, ttl)
         fixes.append(f"{len(handoffs)} hand-offs")
 
-    def failed_job(path: str) -> bool:
-        """As the engine counts it: its own error, or that of the continuation it
-        handed its value to."""
-        rec = records.get(path)
-        if rec is None or rec[0] not in ("err", "ref"):
-            return False
-        if rec[0] == "err":
-            return True
-        ref_name, ref_gen, target = rec[1].split("/")
-        spec = specs.get(target) if (ref_name, ref_gen) == (name, gen) else None
-        if spec is None or all(finished != path for finished, _ in spec.finishes):
-            return False
-        return (records.get(target) or ("",))[0] == "err"
 
-    jobs = [path for path, n in nodes.items() if n.spec is None and records.get(path) != ("void",)]
-    total = len(jobs)
-    done = sum(1 for path in jobs if path in records)
-    failed = sum(1 for path in jobs if failed_job(path))
-    counters = store.get_many([p + "total", p + "done", p + "failed"])
-    if len(counters) < 3:
-        return None  # the state is really gone: nothing to recount into
-    deltas = {}
-    for key, true in (("total", total), ("done", done), ("failed", failed)):
-        now = int(counters[p + key])
-        if true > now:
-            deltas[p + key] = true - now
-            fixes.append(f"{key} {now} -> {true}")
+def _failed_job(records: dict[str, Any], specs: dict[str, Spec], name: str, gen: str, path: str) -> bool:
+    """(``recount``) Whether the job at ``path`` failed, as the engine counts it: its
+    own error, or that of the continuation it handed its value to."""
+    rec = records.get(path)
+    if rec is None or rec[0] not in ("err", "ref"):
+        return False
+    if rec[0] == "err":
+        return True
+    ref_name, ref_gen, target = rec[1].split("/")
+    spec = specs.get(target) if (ref_name, ref_gen) == (name, gen) else None
+    if spec is None or all(finished != path for finished, _ in spec.finishes):
+        return False
+    return (records.get(target) or ("",))[0] == "err"
 
+
+def _arrived(store: Store, name: str, gen: str, p: str, records: dict[str, Any], specs: dict[str, Spec],
+             quiet: bool, deltas: dict[str, int]) -> dict[str, tuple[int, Spec, str]]:
+    """(``recount``) The continuations to count and maybe queue: n: key -> (inputs
+    arrived, spec, path); the arrived counts their counters lack go in ``deltas``."""
     # continuations whose own inputs all arrived but that were never queued
     arrived: dict[str, tuple[int, Spec, str]] = {}  # n: key -> (inputs arrived, spec, path)
     for path, spec in specs.items():
@@ -207,20 +238,4 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
             current = int(now_n.get(key, b"0"))
             if count > current:
                 deltas[key] = count - current
-    results = store.incr_many(deltas) if deltas else {}
-    # queued by whoever's increment completes the count; when all is quiet, any
-    # whose count is complete (a polled one, counted 0, checks its inputs itself)
-    ready = [Task(name, gen, path, None, (), {}, spec.digest, spec.ttr, spec.max_retries, spec.retry_delay,
-                  spec.record, ())
-             for key, (count, spec, path) in arrived.items()
-             if (results.get(key) == spec.counted if key in deltas else quiet and count >= spec.counted)]
-    if ready:
-        from packmule._spill import spill_bodies
-
-        backend.queue.put_many(list(spill_bodies(backend, signer, encode(signer, ready), ttl)))
-        fixes.append(f"{len(ready)} continuations queued")
-    if not fixes:
-        return None
-    log.warning("run %r (generation %s) was stalled; recounted from its value records: %s", name, gen,
-                ", ".join(fixes))
-    return ", ".join(fixes)
+    return arrived

@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from packmule import _config
-from packmule._codec import HEAD, Signer
-from packmule._errors import RunStateLost
+from packmule._core import config as _config
+from packmule._core.errors import RunStateLost
+from packmule._transport.codec import HEAD, Signer
 from packmule.backends.base import Backend, Put, Store
+
+__all__ = ["CHUNK", "MARK", "gather", "gather_one", "is_pointer", "spill_bodies", "spill_values"]
 
 MARK = b"pm-spill:"
 CHUNK = 500_000  # bytes a chunk holds at most: well inside a default memcached item (1 MB)

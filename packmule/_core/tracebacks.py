@@ -23,6 +23,8 @@ import traceback
 from types import TracebackType
 from typing import Any, NamedTuple
 
+__all__ = ["DYNAMIC", "MESSAGE_MAX", "TRACEBACK_MAX", "Described", "cut", "describe", "short_repr", "traceback_text"]
+
 DYNAMIC = "<dynamic-code>"
 MESSAGE_MAX = 10_000  # characters of an exception's message a failure record keeps
 TRACEBACK_MAX = 100_000  # characters of its traceback text

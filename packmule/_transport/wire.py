@@ -4,7 +4,7 @@ A queue item carries up to ``BUNDLE`` jobs that share a run, a method and
 options (one signature and one pickle for all of them); its jobs' paths are
 ``<prefix><start + i>``.  Bundles are only transport: each job keeps its own
 identity, value key and effects, and a worker splits a bundle of slow or
-unknown jobs so that other workers get a share (``packmule._engine``).
+unknown jobs so that other workers get a share (``packmule._worker.engine``).
 
 Payload: ``(name, gen, method, digest, ttr, max_retries, retry_delay, record,
 path_prefix, start, entries)`` with ``entries`` pickled, in one of two forms:
@@ -21,8 +21,11 @@ import pickle
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from packmule._codec import Signer, dumps
+from packmule._transport.codec import Signer, dumps
 from packmule.backends.base import Put
+
+__all__ = ["BUNDLE", "MAX_BYTES", "Entries", "Entry", "Task", "count", "decode", "encode", "expand", "pack", "shard",
+           "split_path"]
 
 BUNDLE = 64  # jobs per queue item, at most
 MAX_BYTES = 48_000  # a bundle bigger than this is split (beanstalkd's default limit is 65,535)

@@ -27,11 +27,14 @@ import time
 
 import psutil
 
-from packmule import _config
-from packmule._errors import BackendUnavailable
-from packmule._registry import POOL_VAR
-from packmule._watchdog import Watchdog
-from packmule._worker import serve
+from packmule._core.errors import BackendUnavailable
+from packmule._model.registry import POOL_VAR
+from packmule._worker.serve import serve
+from packmule._worker.watchdog import Watchdog
+from packmule.backends import _choice
+
+__all__ = ["CHECK_EVERY", "DEADLINE_VAR", "MAX_BACKOFF", "RESTART_PAUSE", "STOPPED_GRACE", "DeadlineBoard",
+           "Supervisor", "add_arguments", "child_main", "setup_logging", "worker_main"]
 
 log = logging.getLogger("packmule.worker")
 
@@ -64,7 +67,7 @@ def child_main(argv: list[str]) -> int:
     if deadline_file:
         Watchdog.report = DeadlineBoard(deadline_file).write
         os.unlink(deadline_file)  # (mapped here and in the parent: nothing to clean up)
-    backend = _config.get_backend()
+    backend = _choice.get_backend()
     ran, delay = 0, 0.5
     while not stop.is_set():
         try:
@@ -112,7 +115,7 @@ class Supervisor:
         self.interrupts = 0
 
     def spawn(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "packmule._cluster_worker", "--child", "--log-level", self.a.log_level,
+        cmd = [sys.executable, "-m", "packmule._worker.supervisor", "--child", "--log-level", self.a.log_level,
                "--max-jobs", str(self.a.max_jobs_per_child or 0)]
         for module in self.a.imports:
             cmd += ["--import", module]
@@ -247,7 +250,7 @@ def worker_main(a: argparse.Namespace) -> int:
             log.error("--import %s: %s (is it on PYTHONPATH, or is the cwd right?)", module, exc)
             return 2
     try:
-        backend = _config.get_backend()
+        backend = _choice.get_backend()
     except (ValueError, TypeError) as exc:
         log.error("%s", exc)
         return 2

@@ -6,8 +6,12 @@ that started it, so that driver is where its dashboard must be served.  When
 outside any job serves ``packmule.web`` on that loopback port, once per
 process, and says where on stderr.  Worker processes (which inherit the
 variable) never serve it: their enqueues run inside a job; nor does a fork
-child of a process that serves it.  The web extra is
-imported only then, so the core of packmule never needs it.
+child of a process that serves it.
+
+The driver never imports ``packmule.web``: how to serve is a hook
+(``install``) that ``packmule/__init__.py``, the one place that wires the faces
+in, installs; it imports the web extra only when a run asks for the dashboard,
+so the core of packmule never needs it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,19 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from packmule import _config
-from packmule._engine import current
+from packmule._core import config as _config
+from packmule._model.job import current
+from packmule.backends.base import Backend
 
-if TYPE_CHECKING:
-    from packmule.backends.base import Backend
+__all__ = ["Serve", "install", "serve_from_driver"]
 
 log = logging.getLogger("packmule")
+
+# serve(host, port, backend): serve the backend's dashboard in the background, return its URL
+Serve = Callable[[str, int, Backend], str]
+_load: Callable[[], Serve] | None = None  # how to get ``serve`` (importing the web extra), once installed
 
 _served: dict[int, str] = {}  # pid -> the URL this process serves the dashboard at (or why not)
 _lock = threading.Lock()
@@ -43,6 +51,13 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def install(load: Callable[[], Serve]) -> None:
+    """Set how a driver serves the dashboard: ``load()`` returns ``serve`` (it may
+    raise ImportError: the web extra is not installed)."""
+    global _load
+    _load = load
+
+
 def serve_from_driver(backend: Backend) -> None:
     """Called by each outside enqueue: serve the dashboard if PACKMULE_DASHBOARD_PORT
     asks for it and this process does not serve it yet (a cheap check otherwise)."""
@@ -55,14 +70,15 @@ def serve_from_driver(backend: Backend) -> None:
         if os.getpid() in _served:
             return
         try:
-            import packmule.web
+            if _load is None:
+                raise ImportError("no web face is installed (packmule/__init__.py installs it)")
+            serve = _load()
         except ImportError as exc:
             raise ImportError(f"PACKMULE_DASHBOARD_PORT={port} asks this process to serve the dashboard, which "
                               f"needs the web extra: pip install 'packmule[web]' ({exc})") from exc
-        from packmule._registry import Watcher
 
         try:
-            url = packmule.web.serve("127.0.0.1", port, watcher=Watcher(backend), background=True)
+            url = serve("127.0.0.1", port, backend)
         except OSError as exc:  # the runs go on without it
             _served[os.getpid()] = f"not served: {exc}"
             log.warning("packmule: PACKMULE_DASHBOARD_PORT=%d: %s", port, exc)

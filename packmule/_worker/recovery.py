@@ -2,7 +2,7 @@
 
 A job runs again when its worker died, its time_to_run passed or the queue
 server restarted, and the first execution may have stopped anywhere in its
-commit (``packmule._engine``: values, counts, then queue puts).  The adds keep
+commit (``packmule._worker.engine``: values, counts, then queue puts).  The adds keep
 the counts from doubling; two effects of the first execution must be made
 sure of by the next one, because a dead worker leaves no sign of them:
 
@@ -13,7 +13,7 @@ sure of by the next one, because a dead worker leaves no sign of them:
   that never completes).  The winner of the marker writes ``"<n> counted"``
   into it right after its count; a marker without that (its winner died
   between the add and the count, or after the count, or is still in between)
-  has the run recounted from its records first (``packmule._census``, under
+  has the run recounted from its records first (``packmule._model.census``, under
   the run's recount lock, after the settle delay that lets a live winner
   count), and is then marked.
 - *the continuations its completion made ready.*  The worker whose count
@@ -30,17 +30,16 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from packmule import _census
-from packmule._codec import Signer
-from packmule._errors import BackendUnavailable
-from packmule._keys import job_id
-from packmule._wire import Task
+from packmule._core.errors import BackendUnavailable
+from packmule._model import census as _census
+from packmule._model.keys import job_id
+from packmule._transport.codec import Signer
+from packmule._transport.wire import Task
+from packmule._worker.outcomes import Outcome
 from packmule.backends.base import Backend
 
-if TYPE_CHECKING:
-    from packmule._engine import Outcome
+__all__ = ["ensure_counted", "mark", "ready_again"]
 
 log = logging.getLogger("packmule")
 

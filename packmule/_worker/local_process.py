@@ -1,4 +1,4 @@
-"""A local worker process: ``python -m packmule.backends.local.worker``, started
+"""A local worker process: ``python -m packmule._worker.local_process``, started
 by the local coordinator with its address and secret in the environment."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import signal
 import sys
 import threading
 
+from packmule._worker.serve import serve
 from packmule.backends import local
 
-from packmule._worker import serve
+__all__ = ["main"]
 
 
 def main() -> int:

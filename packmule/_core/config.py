@@ -1,5 +1,7 @@
 """Configuration: every environment variable packmule reads, read here, only when
-a backend is built (never at import time).
+a backend is built (never at import time).  Which backend a process uses
+(``PACKMULE_BACKEND``, the entry point group, one per name and settings) is
+``packmule.backends._choice``'s, which reads this table's first line.
 
 =====================  ==========================================================
 PACKMULE_BACKEND       ``local`` (default) or ``beanstalk``, or any name registered
@@ -27,34 +29,14 @@ PACKMULE_DASHBOARD_PORT   a driver process serves the dashboard on this loopback
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from packmule.backends.base import Backend
+__all__ = ["DEFAULT_MAX_PAYLOAD", "DEFAULT_STATE_TTL", "DELAY_SCALE_VAR", "dashboard_port", "dashboard_token",
+           "delay_scale", "max_payload", "spill_above", "split_servers", "state_ttl"]
 
-DEFAULT_BACKEND = "local"
 DEFAULT_STATE_TTL = 7 * 24 * 3600.0  # memcached caps relative expiry at 30 days
-ENTRY_POINT_GROUP = "packmule.backends"
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024  # bytes: fits a default memcached (64 MB) with room to spare
 DELAY_SCALE_VAR = "PACKMULE_DELAY_SCALE"
-
-_cache: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
-_cache_lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    """A fork child keeps the cached backends (a Runner made before the fork
-    holds its backend anyway: each backend makes the child connections of its
-    own), but not the lock, which a thread of the parent may have held."""
-    global _cache_lock
-    _cache_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def state_ttl(env: Mapping[str, str] | None = None) -> float:
     env = os.environ if env is None else env
@@ -103,83 +85,6 @@ def delay_scale(env: Mapping[str, str] | None = None) -> float:
     if not 0 <= scale <= 1:
         raise ValueError(f"{DELAY_SCALE_VAR}={raw!r}: give a factor from 0 to 1 (1: delays as documented)")
     return scale
-
-
-@dataclass
-class Scope:
-    """What ``packmule.testing`` sets while a test runs: the backend that a
-    Runner given no backend (or this backend's name) uses, or None to choose as
-    usual; and the runs this process queued jobs into from outside any job, as
-    (name, generation) pairs in the order they started."""
-
-    backend: Backend | None
-    runs: dict[tuple[str, str], None] = field(default_factory=dict)
-
-
-_scope: Scope | None = None
-
-
-def set_scope(scope: Scope | None) -> Scope | None:
-    """Make ``scope`` the process's current one (None: none); returns the one it replaces."""
-    global _scope
-    previous, _scope = _scope, scope
-    return previous
-
-
-def note_run(name: str, gen: str) -> None:
-    """Called by every outside enqueue: the current scope, if any, remembers the run."""
-    scope = _scope
-    if scope is not None:
-        scope.runs.setdefault((name, gen))
-
-
-def backend_class(name: str) -> type[Backend]:
-    """The backend class registered under ``name`` in the entry point group."""
-    from importlib.metadata import entry_points  # (here: its import costs every worker process 20 ms)
-
-    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
-    for ep in found:
-        cls: type[Backend] = ep.load()
-        return cls
-    known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    raise ValueError(
-        f"unknown packmule backend {name!r} (from PACKMULE_BACKEND or backend=); "
-        f"installed backends: {', '.join(known) or 'none - is packmule installed (pip install -e .)?'}"
-    )
-
-
-def get_backend(spec: object = None) -> Backend:
-    """The backend for ``spec``: a Backend object (returned as is), a name, or
-    None for ``PACKMULE_BACKEND``.  One instance per name and settings per process;
-    while a test of ``packmule.testing`` runs, the test's backend for None and its name."""
-    from packmule.backends.base import Backend
-
-    if isinstance(spec, Backend):
-        return spec
-    scoped = _scope.backend if _scope is not None else None
-    if scoped is not None and spec in (None, scoped.name):
-        return scoped
-    if spec is not None and not isinstance(spec, str):
-        raise TypeError(f"backend= takes a Backend or a backend name, not {type(spec).__name__}")
-    env = dict(os.environ)
-    name = spec or env.get("PACKMULE_BACKEND") or DEFAULT_BACKEND
-    settings = tuple(sorted((k, v) for k, v in env.items() if k.startswith("PACKMULE_")))
-    key = (name, settings)
-    with _cache_lock:
-        backend = _cache.get(key)
-        if backend is None:
-            backend = backend_class(name).from_env(env)
-            _cache[key] = backend
-        return backend
-
-
-def forget_backends() -> None:
-    """Close and drop every cached backend (tests; after fork)."""
-    with _cache_lock:
-        backends = list(_cache.values())
-        _cache.clear()
-    for backend in backends:
-        backend.close()
 
 
 def split_servers(value: str, variable: str) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 __all__ = ["FRAMEWORK", "refusal"]
 
-FRAMEWORK: set[type] = set()  # packmule's own runner classes (Runner adds itself)
+FRAMEWORK: set[type] = set()  # packmule's own runner classes (Runner and its mixins add themselves)
 
 
 def refusal(cls: type, name: object) -> str | None:

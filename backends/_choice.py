@@ -1,0 +1,109 @@
+"""Which backend a process uses: ``get_backend(spec)`` builds the one a name
+(or ``PACKMULE_BACKEND``, default ``local``) stands for, from the classes
+registered under the ``packmule.backends`` entry point group, once per name and
+settings per process; while a test of ``packmule.testing`` runs, its backend
+(``Scope``).  The driver, the worker and the faces all choose a backend here;
+the environment variables themselves are read in ``packmule._core.config``."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from packmule.backends.base import Backend
+
+__all__ = ["DEFAULT_BACKEND", "ENTRY_POINT_GROUP", "Scope", "backend_class", "forget_backends", "get_backend",
+           "note_run", "set_scope"]
+
+DEFAULT_BACKEND = "local"
+ENTRY_POINT_GROUP = "packmule.backends"
+
+_cache: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
+_cache_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A fork child keeps the cached backends (a Runner made before the fork
+    holds its backend anyway: each backend makes the child connections of its
+    own), but not the lock, which a thread of the parent may have held."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@dataclass
+class Scope:
+    """What ``packmule.testing`` sets while a test runs: the backend that a
+    Runner given no backend (or this backend's name) uses, or None to choose as
+    usual; and the runs this process queued jobs into from outside any job, as
+    (name, generation) pairs in the order they started."""
+
+    backend: Backend | None
+    runs: dict[tuple[str, str], None] = field(default_factory=dict)
+
+
+_scope: Scope | None = None
+
+
+def set_scope(scope: Scope | None) -> Scope | None:
+    """Make ``scope`` the process's current one (None: none); returns the one it replaces."""
+    global _scope
+    previous, _scope = _scope, scope
+    return previous
+
+
+def note_run(name: str, gen: str) -> None:
+    """Called by every outside enqueue: the current scope, if any, remembers the run."""
+    scope = _scope
+    if scope is not None:
+        scope.runs.setdefault((name, gen))
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered under ``name`` in the entry point group."""
+    from importlib.metadata import entry_points  # (here: its import costs every worker process 20 ms)
+
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    for ep in found:
+        cls: type[Backend] = ep.load()
+        return cls
+    known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    raise ValueError(
+        f"unknown packmule backend {name!r} (from PACKMULE_BACKEND or backend=); "
+        f"installed backends: {', '.join(known) or 'none - is packmule installed (pip install -e .)?'}"
+    )
+
+
+def get_backend(spec: object = None) -> Backend:
+    """The backend for ``spec``: a Backend object (returned as is), a name, or
+    None for ``PACKMULE_BACKEND``.  One instance per name and settings per process;
+    while a test of ``packmule.testing`` runs, the test's backend for None and its name."""
+    if isinstance(spec, Backend):
+        return spec
+    scoped = _scope.backend if _scope is not None else None
+    if scoped is not None and spec in (None, scoped.name):
+        return scoped
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"backend= takes a Backend or a backend name, not {type(spec).__name__}")
+    env = dict(os.environ)
+    name = spec or env.get("PACKMULE_BACKEND") or DEFAULT_BACKEND
+    settings = tuple(sorted((k, v) for k, v in env.items() if k.startswith("PACKMULE_")))
+    key = (name, settings)
+    with _cache_lock:
+        backend = _cache.get(key)
+        if backend is None:
+            backend = backend_class(name).from_env(env)
+            _cache[key] = backend
+        return backend
+
+
+def forget_backends() -> None:
+    """Close and drop every cached backend (tests; after fork)."""
+    with _cache_lock:
+        backends = list(_cache.values())
+        _cache.clear()
+    for backend in backends:
+        backend.close()

@@ -1,0 +1,319 @@
+"""Blocking waits: the pacing of a wait (``Waiter``: backoff, timeout, cancel and
+lost-state checks, no-worker detection, riding out an unreachable server, the
+recount of a stalled run), how a blocking ``deferred_result`` reads its values
+(``ValueReader``), and ``Runner``'s waits for values and their counts (``Waits``,
+a mixin of ``Runner``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from packmule._core import config as _config
+from packmule._core.errors import BackendUnavailable, Cancelled, NoWorkers, RunStateLost, SecretMismatch
+from packmule._core.types import JobRef, Progress
+from packmule._driver.run_state import RunState, progress_of
+from packmule._model.keys import prefix, value_keys
+from packmule._model.records import GONE, records, unwrap
+from packmule._transport.spill import gather
+from packmule.backends.base import Backend
+
+__all__ = ["ValueReader", "Waited", "Waiter", "Waits"]
+
+log = logging.getLogger("packmule")
+
+POLL_MIN, POLL_MAX = 0.001, 0.1  # s: how often a blocking wait looks again
+NO_WORKERS_WARN, NO_WORKERS_RAISE = 2.0, 6.0  # s without a worker while jobs wait
+STILL_WAITING_EVERY = 30.0  # s: a long wait says what it waits for
+OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
+STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
+REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
+RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
+READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
+
+
+class Waited(Protocol):
+    """What a wait uses of the runner whose run it waits for (``packmule.Runner``)."""
+
+    name: str
+
+    @property
+    def backend(self) -> Backend: ...
+    def _gen(self) -> str | None: ...
+    def _state(self) -> RunState: ...
+    def _recount(self, gen: str, quiet: bool = False) -> str | None: ...
+
+
+class Waits:
+    """``Runner``'s blocking waits for values (``Runner`` is its only subclass)."""
+
+    if TYPE_CHECKING:  # (what it uses of Runner)
+        name: str
+        _pm_gen: str | None
+        wait_timeout: float | None
+        record_return_values: bool
+
+        @property
+        def backend(self) -> Backend: ...
+        def _gen(self) -> str | None: ...
+        def _state(self) -> RunState: ...
+        def _recount(self, gen: str, quiet: bool = False) -> str | None: ...
+
+
+    def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
+        """Block until every ref has a value; the values in order, or the first
+        failure.  An unreachable store is ridden out as ``wait()`` does."""
+        state = self._state()
+        ids = [r[0] for r in refs]  # (r.id, without a property call per ref)
+        gen = self._pm_gen
+        head = f"{self.name}/{gen}/"
+        if gen is not None and all(i.startswith(head) for i in ids):
+            key_head, cut = prefix(self.name, gen) + "v:", len(head)  # value_key, the run's part once
+            ref_keys = [key_head + i[cut:] for i in ids]
+        else:
+            gen = None  # inputs from another run: no counter to gate on
+            ref_keys = value_keys(ids)
+        waiter = Waiter(self, f"{len(ref_keys)} jobs for deferred_result", self.wait_timeout)
+        reader = ValueReader(state, list(dict.fromkeys(ref_keys)), gen, waiter)  # each value read once
+        while not reader.finished():
+            try:
+                reader.step()
+            except BackendUnavailable as exc:
+                reader.ahead = None  # read again from the first value missing
+                waiter.unreachable(exc)
+        recs, follow = reader.recs, reader.refs_to_follow
+        signer, store = state.signer, state.store
+        trail: list[str] = list(follow.values())
+        while follow:  # values that are JobRefs: follow them to the end
+            try:
+                ends = records(store, signer, list(set(follow.values())), trail)
+            except BackendUnavailable as exc:
+                waiter.unreachable(exc)
+                continue
+            missing = {k: r for k, r in follow.items() if r not in ends}
+            recs.update((k, ends[r]) for k, r in follow.items() if r in ends)
+            follow = missing
+            if missing:
+                waiter.pause(f"{len(missing)} followed JobRefs not done")
+        if gen is not None:
+            self._wait_counted(state, gen, len(reader.keys), waiter, reader.counts)
+        values = []
+        for ref_id, key in zip(ids, ref_keys, strict=True):
+            rec = recs[key]
+            # the common case inline; unwrap raises for a failure (the first, in order)
+            values.append(rec[1] if rec[0] == "ok" else unwrap(rec, ref_id))
+        if not self.record_return_values:
+            store.set_many(dict.fromkeys([*reader.keys, *value_keys(trail)], signer.dumps(GONE)), state.ttl)
+        return values
+
+    @staticmethod
+    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: Waiter, first: Progress | None) -> None:
+        """A job's value is stored a moment before its worker counts it done (the
+        add decides which execution completes it, then the count follows).  With
+        every value in hand, wait for the counts too, so that the progress read
+        after a blocking deferred_result includes its jobs: ``done`` reaches
+        their number, or the run is complete.  (A worker that died in between
+        is a stall that the waiter recounts.)  ``first``: the counts read with the
+        last values, if any; usually they already say so."""
+        if first is not None and (first.done >= jobs or first.complete):
+            return
+        looks = 0
+        while True:
+            try:
+                now = state.progress(gen, missing_ok=True)
+            except BackendUnavailable as exc:
+                waiter.unreachable(exc)
+                continue
+            if now is None or now.done >= jobs or now.complete:  # (counters gone: nothing to wait for)
+                return
+            looks += 1
+            if looks > 2:  # (the count is usually one store call behind its value: look again at once, twice)
+                waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
+
+
+
+class ValueReader:
+    """How a blocking deferred_result reads its values.  They are read a window of
+    READ_CHUNK keys at a time, from the first one missing on.  While windows come
+    back full, the reader is behind the workers: it asks for the next window
+    before it checks the values of this one, so that the store fetches while it
+    checks.  With a counter to gate on (inputs of this run), values are read only
+    when enough jobs finished since the last look: three counters are cheaper
+    than a thousand values."""
+
+    def __init__(self, state: RunState, keys: list[str], gen: str | None, waiter: Waiter) -> None:
+        self.state, self.keys, self.gen, self.waiter = state, keys, gen, waiter
+        self.recs: dict[str, tuple[Any, ...]] = {}
+        self.refs_to_follow: dict[str, str] = {}  # value key -> the job id its value refers to
+        self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
+        self.seen_done = self.last_done = -1
+        self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
+        # the run's counters, read with the last window of values (after them): no extra trip to check them
+        self.counters = [] if gen is None else state.counter_keys(gen)
+        self.counts: Progress | None = None
+
+    def finished(self) -> bool:
+        return self.pos >= len(self.keys)
+
+    def step(self) -> None:
+        keys, waiter, state = self.keys, self.waiter, self.state
+        left = len(keys) - self.pos
+        if self.ahead is None:
+            if self.gen is not None and left > 100:
+                now = state.progress(self.gen)
+                assert now is not None
+                if now.done != self.last_done:
+                    # jobs are finishing: keep looking often, so that the values are
+                    # read while workers run and the last ones soon after they exist
+                    self.last_done = now.done
+                    waiter.progressed()
+                if now.done - self.seen_done < min(left, READ_CHUNK) and not now.complete:
+                    waiter.pause(f"{left} of {len(keys)} jobs not done")
+                    return
+                self.seen_done = now.done
+            self.cursor = self.pos
+            self._ask()
+        assert self.ahead is not None
+        window, answer = self.ahead
+        raw = answer()
+        if self.counters and self.counters[0] in raw:  # (asked for with the last window)
+            self.counts = progress_of(self.counters, raw)
+            for k in self.counters:
+                raw.pop(k, None)
+        got = gather(state.store, state.signer, raw)
+        self.ahead = None
+        if len(got) == len(window) and self.cursor < len(keys):
+            self._ask()  # every value asked for was there: more may be, ask for them now
+        for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
+            self.recs[key] = rec
+            if rec[0] == "ref":
+                self.refs_to_follow[key] = rec[1]
+        while self.pos < len(keys) and keys[self.pos] in self.recs:
+            self.pos += 1
+        if self.ahead is None and self.pos < len(keys):
+            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done")
+        else:
+            waiter.progressed()
+
+    def _ask(self) -> None:
+        """Start reading the values of the next window not read yet."""
+        window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
+        last = self.cursor + READ_CHUNK >= len(self.keys)
+        self.ahead = window, self.state.store.get_many_soon(window + self.counters if last else window)
+        self.cursor += READ_CHUNK
+
+
+class Waiter:
+    """The pacing of a blocking wait: backoff, timeout, cancel/lost checks, no-worker
+    detection, and a log line now and then saying what it waits for."""
+
+    def __init__(self, runner: Waited, what: str, timeout: float | None) -> None:
+        self.runner, self.what, self.timeout = runner, what, timeout
+        self.start = self.last_check = self.last_said = time.monotonic()
+        self.started_at = time.time()  # (wall clock: workers on other machines stamp their notes with it)
+        self.delay = POLL_MIN
+        self.poll_max = max(POLL_MIN, POLL_MAX * _config.delay_scale())  # (PACKMULE_DELAY_SCALE)
+        self.idle_since: float | None = None
+        self.empty_since: float | None = None
+        self.outage_since: float | None = None
+        self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
+        self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
+
+    def progressed(self) -> None:
+        self.delay = POLL_MIN
+        self.outage_since = None
+
+    def unreachable(self, exc: BackendUnavailable) -> None:
+        """A server did not answer: wait for it (workers reconnect too), saying
+        so, up to OUTAGE_GRACE seconds; then give up with its error."""
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
+            log.warning("run %r: %s; waiting up to %.0fs for it to come back", self.runner.name, exc, OUTAGE_GRACE)
+        elif now - self.outage_since > OUTAGE_GRACE:
+            raise exc
+        time.sleep(0.5)
+
+    def pause(self, status: str) -> None:
+        now = time.monotonic()
+        name = self.runner.name
+        if self.timeout is not None and now - self.start >= self.timeout:
+            raise TimeoutError(f"run {name!r}: waited {self.timeout:g}s for {self.what}; {status}")
+        if now - self.last_check >= 0.5:
+            self.last_check = now
+            try:
+                self._check(now, status)
+                self.outage_since = None
+            except BackendUnavailable as exc:
+                self.unreachable(exc)
+        if now - self.last_said >= STILL_WAITING_EVERY:
+            self.last_said = now
+            log.info("run %r: still waiting for %s (%s)", name, self.what, status)
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.poll_max)
+
+    def _recount(self, gen: str, quiet: bool) -> bool:
+        """Recount the run (``Runner._recount``); whether it fixed anything.  The
+        next recount without progress waits twice as long."""
+        try:
+            fixed = self.runner._recount(gen, quiet) is not None
+        except (TimeoutError, BackendUnavailable) as exc:  # the lock: another process recounts, or is gone
+            log.warning("run %r: no recount now: %s", self.runner.name, exc)
+            fixed = False
+        now = time.monotonic()
+        if fixed:
+            self.empty_since, self.moved_at, self.recount_after = None, now, STALLED_AFTER
+        else:
+            self.moved_at, self.recount_after = now, min(self.recount_after * 2, RECOUNT_AFTER_MAX)
+        return fixed
+
+    def _check(self, now: float, status: str) -> None:
+        runner = self.runner
+        gen = runner._gen()
+        progress = None
+        if gen is not None:
+            state = runner._state()
+            progress = state.progress(gen)  # raises RunStateLost
+            assert progress is not None
+            if progress.done != self.done_seen:
+                self.done_seen, self.moved_at, self.recount_after = progress.done, now, STALLED_AFTER
+            cancelled, rejected = state.alerts(gen)
+            if cancelled:
+                raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
+            if rejected is not None and rejected[0] >= self.started_at - REJECTED_BEFORE:
+                raise SecretMismatch(
+                    f"run {runner.name!r} ({status}): workers refused jobs signed by this process "
+                    f"{time.time() - rejected[0]:.0f}s ago because their signature does not match: the workers "
+                    f"have another PACKMULE_SECRET (key id {rejected[1]}; this process's is "
+                    f"{state.signer.key_id.hex()}). Every process, drivers and `packmule worker`s, must share "
+                    "the same PACKMULE_SECRET; the refused jobs are buried. Fix the secret, then forget() the "
+                    "run and queue it again")
+        stats = runner.backend.queue.stats()
+        if gen is not None and not (stats.ready or stats.reserved or stats.delayed):
+            self.empty_since = self.empty_since or now
+        else:
+            self.empty_since = None
+        quiet = self.empty_since is not None and now - self.empty_since >= STALLED_AFTER
+        if gen is not None and progress is not None and progress.done < progress.total and (
+                quiet or now - self.moved_at >= self.recount_after):
+            # no progress for a while (or nothing at all queued or running): a
+            # worker may have died between two store writes; recount the run
+            if self._recount(gen, quiet):
+                return
+            if quiet:  # nothing anywhere in the queue, nothing to recount: it will never complete
+                raise RunStateLost(f"run {runner.name!r} is stalled: nothing is queued or running, yet it is "
+                                   f"at {status}, and its value records say the same; its state was evicted "
+                                   "or its jobs were lost (see `packmule status`)")
+        if stats.workers > 0 or not (stats.ready or stats.delayed):
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or now
+        idle = now - self.idle_since
+        hint = getattr(runner.backend, "worker_hint", "start workers for this backend")
+        if idle >= NO_WORKERS_RAISE:
+            raise NoWorkers(f"run {runner.name!r}: no worker has served the queue for {idle:.0f}s while "
+                            f"{stats.ready} jobs wait ({status}); {hint}")
+        if idle >= NO_WORKERS_WARN and idle - 0.5 < NO_WORKERS_WARN:
+            log.warning("run %r: no worker serves the queue (%d jobs wait); %s", runner.name, stats.ready, hint)
