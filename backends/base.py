@@ -51,6 +51,19 @@ class QueueStats(NamedTuple):
     workers: int  # consumers watching the queue now
 
 
+class ServerState(NamedTuple):
+    """What this process knows of one server: ``state`` is ``'up'`` or ``'aside'``
+    (it failed, and is being probed again); ``since`` is when it was set aside,
+    ``back`` when it last came back (wall-clock seconds, None if never)."""
+
+    service: str  # 'beanstalkd', 'memcached', 'ZooKeeper'
+    server: str
+    state: str
+    since: float | None = None
+    back: float | None = None
+    problem: str = ""
+
+
 class Queue(abc.ABC):
     """A work queue with time-to-run.  A reserved job belongs to its consumer
     until it is acked, released, buried, or its time-to-run passes (or the
@@ -111,7 +124,15 @@ class Store(abc.ABC):
     encoded (a backend may hash longer ones, consistently); values are ``bytes``
     (counters are ints).  Each single-key operation is atomic (linearizable);
     a *bulk* call is a sequence of single-key operations, not a transaction.
-    ``ttl`` is seconds until the key expires (0: the backend's longest)."""
+    ``ttl`` is seconds until the key expires (0: the backend's longest).
+
+    *Tags.*  A key that contains ``{tag}`` (the text between its first ``{`` and
+    the next ``}``) is placed by its tag alone: keys with one tag live together,
+    on one server, chosen by the tag and the configured servers only (never by
+    which of them are up), so every process agrees where they are.  A key
+    without a tag is placed as the backend likes, and may move to another
+    server while one is down (so it must be a key whose loss is survivable).
+    packmule tags every key of a run generation with the generation."""
 
     #: The largest value one key holds, in bytes (None: no limit).  The engine
     #: stores larger values in chunks under several keys.
@@ -153,6 +174,31 @@ class Store(abc.ABC):
     def delete_many(self, keys: Sequence[str]) -> None:
         """Remove the keys; absent ones are ignored."""
 
+    def holder(self, tag: str) -> str | None:
+        """The server that holds the keys tagged ``tag`` (None: one store, nothing to name)."""
+        return None
+
+    def placeable(self, tag: str) -> bool:
+        """Whether keys tagged ``tag`` would live on a server this process sees up
+        now: a new generation picks a tag that is (optional: always True)."""
+        return True
+
+
+class Registers(abc.ABC):
+    """Small named values that every process reads alike, whichever servers it
+    can reach: a consensus service's (ZooKeeper's), for what a store spread
+    over servers cannot agree on (which generation a run name is on now).
+    A value older than the ``ttl`` it was written with reads as absent."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> tuple[bytes | None, Any]:
+        """The value (None: absent or expired) and a token for ``swap``."""
+
+    @abc.abstractmethod
+    def swap(self, name: str, token: Any, value: bytes | None, ttl: float) -> bool:
+        """Write ``value`` (None: delete it) only if the register is as the read
+        that gave ``token`` found it; whether it was written."""
+
 
 class Backend(abc.ABC):
     """A queue, a store and named locks, plus the secret that signs what they carry."""
@@ -160,6 +206,9 @@ class Backend(abc.ABC):
     name: str  # e.g. 'local' or 'beanstalk'
     queue: Queue
     store: Store
+    #: Where run names point to their generations when the store cannot agree
+    #: on it (several servers, any of which may be down); None: in the store.
+    registers: Registers | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -184,6 +233,10 @@ class Backend(abc.ABC):
         is busy in a call (a worker's beat).  Optional: this default returns the
         backend itself, for a backend whose calls are thread-safe and fair."""
         return self
+
+    def server_states(self) -> list[ServerState]:
+        """What this process knows of each server (none: the backend has no servers to watch)."""
+        return []
 
     def ensure_workers(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make sure something serves the queue, if this backend starts workers itself."""

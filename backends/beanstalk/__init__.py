@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Mapping
 
-from ..base import Backend
+from ..base import Backend, ServerState
 from ._pool import Servers
 from .locks import ZooKeeperLocks
 from .queue import BeanstalkQueue
@@ -82,6 +82,17 @@ class BeanstalkBackend(Backend):
         """What a wait that finds no worker tells the user to do."""
         return (f"start one with `packmule worker` on a machine whose PACKMULE_BEANSTALKD is "
                 f"{','.join(self.queue.servers.names)} and PACKMULE_TUBE is {self.tube}")
+
+    def server_states(self) -> list[ServerState]:
+        """Each server's state as this process sees it, every server that looks
+        up probed first (a connection and a command that must draw an answer)."""
+        out = []
+        for health in (self.queue.health, self.store.health):
+            for index in health.live():
+                if not health.probe(index):
+                    health.set_aside(index, "it did not answer a probe")
+            out += health.states()
+        return out
 
     def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         return self.locks.lock(name, timeout)

@@ -26,7 +26,7 @@ import greenstalk
 
 from ..base import Put, Queue, QueueStats, Reserved
 from ._connection import PRIORITY, Connection, Keeper, Reservation, whole_seconds
-from ._pool import Servers, ThreadConnections
+from ._pool import Health, Servers, ThreadConnections
 
 log = logging.getLogger("packmule.backends.beanstalk")
 
@@ -49,6 +49,7 @@ class BeanstalkQueue(Queue):
         self._turns = itertools.count()
         self._pool: ThreadConnections[Connection] = ThreadConnections(self._connect, lambda c: not c.closed)
         self._keeper = Keeper()
+        self.health = Health(servers, "beanstalkd", b"list-tube-used\r\n", connect_timeout)
 
     def _connect(self, index: int) -> Connection:
         server = self._names[index]

@@ -24,7 +24,7 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheError, MemcacheServerError
 
 from ..base import Store
-from ._pool import Servers, ThreadConnections
+from ._pool import Health, Servers, ThreadConnections
 
 MAX_TTL = 30 * 24 * 3600  # s: memcached reads a longer expiry as a Unix timestamp
 IO_TIMEOUT = 30.0  # s a server may take to answer before it counts as unavailable
@@ -64,6 +64,7 @@ class MemcachedStore(Store):
         self._hash_names = [name.encode() + b"\0" for name in self._names]
         self._connect_timeout = connect_timeout
         self._pool: ThreadConnections[Client] = ThreadConnections(self._client)
+        self.health = Health(servers, "memcached", b"version\r\n", connect_timeout)
 
     def _client(self, index: int) -> Client:
         """A pymemcache client (it connects on first use, and again after an error)."""

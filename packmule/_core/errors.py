@@ -73,4 +73,16 @@ class ValuesNotRecorded(PackMuleError):
 
 
 class BackendUnavailable(PackMuleError):
-    """A server cannot be reached.  The message names the server and the setting that chose it."""
+    """A server cannot be reached.  The message names the server and the setting that chose it;
+    ``server`` is its ``'host:port'`` when the error is about one server."""
+
+    def __init__(self, *args: object, server: str | None = None) -> None:
+        super().__init__(*args)
+        self.server = server
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _unavailable, (self.args, self.server)
+
+
+def _unavailable(args: tuple[object, ...], server: str | None) -> BackendUnavailable:
+    return BackendUnavailable(*args, server=server)
