@@ -181,10 +181,13 @@ register("local", local_harness)
 
 
 @contextlib.contextmanager
-def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -> Iterator[Harness]:
-    """Real beanstalkd, memcached and ZooKeeper on free loopback ports, and a
-    ``packmule worker --concurrency 2`` serving them (none with concurrency 0);
-    all stopped by PID."""
+def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), beanstalkds: int = 1,
+                      memcacheds: int = 1) -> Iterator[Harness]:
+    """Real beanstalkd, memcached and ZooKeeper on free loopback ports (``beanstalkds``
+    and ``memcacheds`` of the first two), and a ``packmule worker --concurrency 2``
+    serving them (none with concurrency 0); all stopped by PID.  ``extras`` holds
+    the servers: ``beanstalkd``/``memcached`` the first of each, ``beanstalkds``/``memcacheds``
+    the lists."""
     import secrets
     import tempfile
 
@@ -197,10 +200,12 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
     if missing:
         pytest.skip(missing)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory(prefix="packmule-cluster-") as tmp, Beanstalkd(tmp) as bs, \
-            Memcached(tmp) as mc, ZooKeeper(tmp) as zk:
-        env = {"PACKMULE_BACKEND": "beanstalk", "PACKMULE_BEANSTALKD": bs.address,
-               "PACKMULE_MEMCACHED": mc.address, "PACKMULE_ZOOKEEPER": zk.address,
+    with tempfile.TemporaryDirectory(prefix="packmule-cluster-") as tmp, contextlib.ExitStack() as servers:
+        bss = [servers.enter_context(Beanstalkd(tmp)) for _ in range(beanstalkds)]
+        mcs = [servers.enter_context(Memcached(tmp)) for _ in range(memcacheds)]
+        zk = servers.enter_context(ZooKeeper(tmp))
+        env = {"PACKMULE_BACKEND": "beanstalk", "PACKMULE_BEANSTALKD": ",".join(s.address for s in bss),
+               "PACKMULE_MEMCACHED": ",".join(s.address for s in mcs), "PACKMULE_ZOOKEEPER": zk.address,
                "PACKMULE_SECRET": secrets.token_hex(16), "PACKMULE_TUBE": "conformance"}
         if SPILL_VAR in os.environ:
             env[SPILL_VAR] = os.environ[SPILL_VAR]
@@ -208,7 +213,8 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
         harness = Harness(backend, env)
         run_env = environ_for(harness)
         run_env["PYTHONPATH"] = os.pathsep.join([root, run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        harness.extras.update(beanstalkd=bs, memcached=mc, zookeeper=zk, env=run_env, root=root)
+        harness.extras.update(beanstalkd=bss[0], memcached=mcs[0], zookeeper=zk, beanstalkds=bss, memcacheds=mcs,
+                              env=run_env, root=root)
         worker = start_worker(harness, concurrency, *worker_args) if concurrency else None
         harness.pids = lambda: job_processes([worker.pid]) if worker else []
         harness.extras["worker"] = worker
@@ -218,7 +224,6 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = ()) -
         finally:
             if worker is not None:
                 stop_worker(worker)
-            backend.close()
             backend.close()
 
 
