@@ -17,7 +17,7 @@ from packmule._core import config as _config
 from packmule._core.tracebacks import MESSAGE_MAX, TRACEBACK_MAX
 from packmule._driver.runner import Runner
 from packmule._model import keys as _keys
-from packmule._model.keys import FAILED_FIELD, GLOBAL_PREFIXES, PATH_FIELDS, RUN_FIELDS
+from packmule._model.keys import BLOB_FIELD, FAILED_FIELD, GLOBAL_PREFIXES, PATH_FIELDS, RUN_FIELDS
 from packmule._transport.codec import signer_for
 
 from .hostile import KINDS, TYPE_NAMES, Boom, Gate, Hostile
@@ -29,7 +29,8 @@ WAIT = 15  # s: far beyond what each wait needs; a broken backend fails the test
 # --- keys ------------------------------------------------------------------------------------
 def _fields() -> list[str]:
     """Every field the engine writes for a run generation, from the one place that names them."""
-    return [*RUN_FIELDS, *(f + "0" for f in PATH_FIELDS), *(f + "0.1" for f in PATH_FIELDS), FAILED_FIELD + "1"]
+    return [*RUN_FIELDS, *(f + "0" for f in PATH_FIELDS), *(f + "0.1" for f in PATH_FIELDS), FAILED_FIELD + "1",
+            BLOB_FIELD + "0123abcd"]
 
 
 def test_keys_of_different_runs_never_meet_and_never_name_a_global_key():

@@ -9,7 +9,7 @@ import pathlib
 import re
 
 import packmule
-from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS
+from packmule._model.keys import BLOB_FIELD, FAILED_FIELD, PATH_FIELDS, RUN_FIELDS
 
 SOURCE = pathlib.Path(packmule.__file__).parent
 # `p + "done"`, `o.p + "cm:" + path`, `prefix(name, gen) + "cancel"`, f"{p}f:{k}"
@@ -27,7 +27,7 @@ def test_the_pattern_finds_the_fields_of_each_way_of_writing_a_key():
 
 
 def test_every_field_the_code_appends_to_a_run_prefix_is_named_in_packmule_keys():
-    named = {*RUN_FIELDS, *PATH_FIELDS, FAILED_FIELD}
+    named = {*RUN_FIELDS, *PATH_FIELDS, FAILED_FIELD, BLOB_FIELD}
     used: dict[str, set[str]] = {}
     for path in sorted(SOURCE.rglob("*.py")):
         for name in fields_in(path.read_text()):

@@ -6,6 +6,7 @@ service    servers (variable)          module
 queue      beanstalkd (PACKMULE_BEANSTALKD, tube PACKMULE_TUBE)   ``queue.py``
 store      memcached (PACKMULE_MEMCACHED)                          ``store.py``
 locks      ZooKeeper (PACKMULE_ZOOKEEPER)                          ``locks.py``
+registers  ZooKeeper, with several memcached servers only          ``registers.py``
 =========  =========================  ==========================================
 
 Nothing connects until first use; then each thread of each process has its own
@@ -26,6 +27,7 @@ from ..base import Backend, ServerState
 from ._pool import Servers
 from .locks import ZooKeeperLocks
 from .queue import BeanstalkQueue
+from .registers import ZooKeeperRegisters
 from .store import MemcachedStore
 
 __all__ = ["BeanstalkBackend"]
@@ -62,6 +64,9 @@ class BeanstalkBackend(Backend):
         self.queue = BeanstalkQueue(beanstalkd, tube, connect_timeout, pipeline)
         self.store = MemcachedStore(memcached, connect_timeout)
         self.locks = ZooKeeperLocks(zookeeper, connect_timeout)
+        # several memcached servers cannot agree which generation a run name is
+        # on while one is down for some processes only: ZooKeeper says it
+        self.registers = ZooKeeperRegisters(self.locks) if len(memcached.addresses) > 1 else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], connect_timeout: float = CONNECT_TIMEOUT) -> BeanstalkBackend:

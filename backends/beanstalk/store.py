@@ -1,10 +1,21 @@
 """The shared store on one or more memcached servers, through pymemcache.
 
-Each key lives on one server, chosen by rendezvous hashing of the key and the
-servers' names: every process agrees without talking, listing the servers in
-any order, and removing a server moves only the keys it held.  A server that
-fails is reported, never skipped (skipping would move its keys elsewhere and
-give a second winner to ``add_many``).
+Where a key lives is rendezvous hashing of the servers' names with, for a
+tagged key (``{tag}``, see ``backends.base.Store``), its tag, and for any other
+key the key itself: every process agrees without talking, listing the servers
+in any order, and removing a server moves only the keys it held.
+
+A server that fails is set aside (``Health``), and then:
+- a tagged key never moves: its server is the tag's in every process, up or
+  not (moving it would let a process that cannot reach the server give
+  ``add_many`` a second winner, and break exact counts).  An operation on it
+  fails at once, naming the server, until a probe brings the server back.
+  packmule tags a run generation's keys with it, and picks, for a new
+  generation, a tag whose server is up (``placeable``): a dead server costs
+  the runs whose state it held, and no other.
+- an untagged key (the registry, the totals, markers: nothing counted
+  exactly) goes to the first server in its rendezvous order that is up, so it
+  is written afresh elsewhere while its server is away.
 
 Keys are sent as they are when memcached can hold them (1 to 250 printable
 ASCII characters, no spaces); any other key is sent as ``pm#`` plus its
@@ -18,10 +29,12 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheError, MemcacheServerError
+
+from packmule._core.errors import BackendUnavailable
 
 from ..base import Store
 from ._pool import Health, Servers, ThreadConnections
@@ -44,6 +57,15 @@ def expiry(ttl: float) -> int:
     if not ttl >= 0:
         raise ValueError(f"ttl must be 0 (the longest) or a positive number of seconds, not {ttl!r}")
     return MAX_TTL if ttl == 0 else min(MAX_TTL, math.ceil(ttl))
+
+
+def tag_of(key: str) -> str | None:
+    """The key's tag: the text between its first ``{`` and the next ``}`` (None if there is none, or it is empty)."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if end > start + 1 else None
 
 
 def _encode(key: str, value: bytes | int) -> bytes:
@@ -71,25 +93,60 @@ class MemcachedStore(Store):
         return Client(self.servers.addresses[index], connect_timeout=self._connect_timeout,
                       timeout=IO_TIMEOUT, no_delay=True, default_noreply=False)
 
-    def _index(self, mkey: str) -> int:
-        if len(self._names) == 1:
-            return 0
-        encoded = mkey.encode()
+    def _rank(self, text: str) -> list[int]:
+        """The servers in rendezvous order for ``text`` (a tag or a memcached key)."""
+        encoded = text.encode()
         scores = [hashlib.blake2b(name + encoded, digest_size=8).digest() for name in self._hash_names]
-        return scores.index(max(scores))
+        return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+
+    def _index(self, key: str, mkey: str, tags: dict[str, int]) -> int:
+        tag = tag_of(key)
+        if tag is not None:
+            index = tags.get(tag)
+            if index is None:
+                index = tags[tag] = self._rank(tag)[0]
+            return index
+        ranked = self._rank(mkey)
+        return next((i for i in ranked if self.health.up(i)), ranked[0])
 
     def _plan(self, keys: Sequence[str] | Mapping[str, object]) -> dict[int, dict[str, str]]:
         """Server index -> {memcached key: key} for these keys."""
+        if len(self._names) == 1:
+            return {0: {memcached_key(key): key for key in keys}}
         plan: dict[int, dict[str, str]] = {}
+        tags: dict[str, int] = {}  # (a bulk call's keys mostly share a tag: rank it once)
         for key in keys:
             mkey = memcached_key(key)
-            plan.setdefault(self._index(mkey), {})[mkey] = key
+            plan.setdefault(self._index(key, mkey, tags), {})[mkey] = key
         return plan
+
+    def _each(self, keys: Sequence[str] | Mapping[str, object],
+              op: Callable[[int, dict[str, str]], None]) -> None:
+        """``op(index, {memcached key: key})`` for each server's share of ``keys``.
+        A share of untagged keys whose server fails goes, once, where they now
+        belong (the failed server is set aside by then)."""
+        for index, names in self._plan(keys).items():
+            try:
+                op(index, names)
+            except BackendUnavailable:
+                if len(self._names) == 1 or not self.health.live() or any(map(tag_of, names.values())):
+                    raise
+                for again, share in self._plan(list(names.values())).items():
+                    op(again, share)
+
+    def holder(self, tag: str) -> str | None:
+        return self._names[self._rank(tag)[0]] if len(self._names) > 1 else None
+
+    def placeable(self, tag: str) -> bool:
+        return len(self._names) == 1 or self.health.up(self._rank(tag)[0])
 
     @contextlib.contextmanager
     def _using(self, index: int, values: Mapping[str, bytes] | None = None) -> Iterator[Client]:
         """This thread's client for server ``index``, its errors translated.
-        After any error the client is closed; it reconnects on its next use."""
+        After any error the client is closed; it reconnects on its next use.
+        A server set aside is not asked (while another is up): it fails at once."""
+        if not self.health.up(index) and self.health.live():
+            raise self.health.unavailable(index)
         client = self._pool.get(index)
         server = self._names[index]
         try:
@@ -106,34 +163,44 @@ class MemcachedStore(Store):
             if isinstance(exc, MemcacheClientError):
                 raise ValueError(f"memcached at {server} refused a command: {exc}") from exc
             if isinstance(exc, (MemcacheError, OSError)):
+                if len(self._names) > 1:
+                    self.health.set_aside(index, exc)
                 raise self.servers.unavailable("memcached", server, exc) from exc
             raise
+        if not self.health.up(index):  # (every server was aside, and this one answered)
+            self.health.came_back(index)
 
     # --- Store -------------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
-        for index, names in self._plan(keys).items():
+
+        def get(index: int, names: dict[str, str]) -> None:
             with self._using(index) as client:
                 values = client.get_many(list(names))
             found.update((names[mkey], value) for mkey, value in values.items())
+        self._each(keys, get)
         return found
 
     def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
         expire = expiry(ttl)
-        for index, names in self._plan(items).items():
+
+        def put(index: int, names: dict[str, str]) -> None:
             values = {mkey: _encode(key, items[key]) for mkey, key in names.items()}
             with self._using(index, values) as client:
                 client.set_many(values, expire, noreply=False)
+        self._each(items, put)
 
     def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
         expire = expiry(ttl)
         added: set[str] = set()
-        for index, names in self._plan(items).items():
+
+        def add(index: int, names: dict[str, str]) -> None:
             values = {mkey: _encode(key, items[key]) for mkey, key in names.items()}
             with self._using(index, values) as client:
                 # pymemcache's add() takes one key; its _store_cmd pipelines many.
                 stored = client._store_cmd(b"add", values, expire, False)
             added.update(names[mkey] for mkey, ok in stored.items() if ok)
+        self._each(items, add)
         return added
 
     def incr_many(self, deltas: Mapping[str, int]) -> dict[str, int | None]:
@@ -141,7 +208,8 @@ class MemcachedStore(Store):
             if isinstance(delta, bool) or not isinstance(delta, int) or not -2**64 < delta < 2**64:
                 raise ValueError(f"incr_many: the delta of {key!r} must be an int, not {delta!r}")
         results: dict[str, int | None] = {}
-        for index, names in self._plan(deltas).items():
+
+        def incr(index: int, names: dict[str, str]) -> None:
             # (memcached's decr stops at 0, as the interface asks)
             commands = [b"%s %s %d\r\n" % (b"incr" if deltas[key] >= 0 else b"decr", mkey.encode(),
                                             abs(deltas[key])) for mkey, key in names.items()]
@@ -150,12 +218,14 @@ class MemcachedStore(Store):
                 answers = client._misc_cmd(commands, b"incr", False)
             for key, answer in zip(names.values(), answers, strict=True):
                 results[key] = None if answer == b"NOT_FOUND" else int(answer)
+        self._each(deltas, incr)
         return results
 
     def delete_many(self, keys: Sequence[str]) -> None:
-        for index, names in self._plan(keys).items():
+        def delete(index: int, names: dict[str, str]) -> None:
             with self._using(index) as client:
                 client.delete_many(list(names), noreply=False)
+        self._each(keys, delete)
 
     def close(self) -> None:
         self._pool.close_all()

@@ -14,7 +14,7 @@ from packmule._core.errors import RunStateLost
 from packmule._core.types import JobRef
 from packmule._driver import dashboard as _dashboard
 from packmule._driver.run_state import RunState
-from packmule._model.keys import blob_key, prefix
+from packmule._model.keys import BLOB_FIELD, blob_key, prefix
 from packmule._model.records import VOID
 from packmule._transport.codec import dumps, signer_for
 from packmule._transport.spill import spill_bodies, spill_values
@@ -24,8 +24,8 @@ from packmule.backends.base import Backend, Put
 
 __all__ = ["Enqueuer"]
 
-_stored_blobs: set[tuple[int, str]] = set()  # (id(store), digest) this process has stored (a fork child
-#                                               keeps it: what its parent stored is in the same store)
+_stored_blobs: set[tuple[int, str, str]] = set()  # (id(store), gen, digest) this process has stored (a fork
+#                                                    child keeps it: what its parent stored is in the same store)
 
 
 class Enqueuer:
@@ -53,12 +53,16 @@ class Enqueuer:
         backend.ensure_workers()
         _dashboard.serve_from_driver(backend)  # PACKMULE_DASHBOARD_PORT
         state = self._state()
-        gen = self._pm_gen or state.start_or_join()
+        blob_field = {BLOB_FIELD + digest: runner_blob}
+        gen = self._pm_gen or state.start_or_join(blob_field)  # (a fresh generation gets the blob at once)
         p = prefix(self.name, gen)
-        if (id(backend.store), digest) not in _stored_blobs:
-            backend.store.add_many(spill_values(backend.store, state.signer, {blob_key(digest): runner_blob},
+        stored = (id(backend.store), gen, digest)
+        if not state.created and stored not in _stored_blobs:
+            backend.store.add_many(spill_values(backend.store, state.signer, {blob_key(p, digest): runner_blob},
                                                 state.ttl), state.ttl)
-            _stored_blobs.add((id(backend.store), digest))
+        if len(_stored_blobs) >= 4096:
+            _stored_blobs.clear()  # (forgetting costs one add the next time)
+        _stored_blobs.add(stored)
         # a bundle must be one block of paths (one server): a bulk call takes a
         # range wide enough to start at a multiple of BUNDLE; the gap is unused
         span = 1 if jobs == 1 else jobs + BUNDLE - 1

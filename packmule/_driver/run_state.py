@@ -6,7 +6,7 @@ start or join a generation, read progress, alerts and values.  The keys are
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from packmule._core.errors import RunStateLost
@@ -15,10 +15,11 @@ from packmule._model.keys import COUNTERS, job_id, pointer, prefix, rejected_key
 from packmule._model.records import records
 from packmule._model.registry import note_run
 from packmule._transport.codec import Signer
+from packmule._transport.spill import spill_values
 from packmule._transport.wire import shard
 from packmule.backends.base import Backend
 
-__all__ = ["RunState", "new_gen", "progress_of", "ref_for"]
+__all__ = ["RunState", "current_gen", "new_gen", "progress_of", "ref_for"]
 
 
 def new_gen() -> str:
@@ -32,43 +33,80 @@ class RunState:
         self.backend, self.signer, self.name, self.ttl = backend, signer, name, ttl
         self.store = backend.store
         self.pointer = pointer(name)
+        self.created = False
 
     # --- generations -------------------------------------------------------
+    # A run name points to its generation: in the store when the store is one
+    # consistent space (one server); in the backend's registers (ZooKeeper) when
+    # it is spread over servers, so that two processes that disagree about which
+    # servers are up never start two generations of one run.
     def current_gen(self) -> str | None:
-        raw = self.store.get_many([self.pointer]).get(self.pointer)
-        return raw.decode() if raw is not None else None
+        return current_gen(self.backend, self.name)
 
-    def start_or_join(self) -> str:
+    def start_or_join(self, fields: Mapping[str, bytes] | None = None) -> str:
         """The generation an outside enqueue adds to: the current one if it is
-        still running, else a fresh one (the first caller's, among racers)."""
+        still running, else a fresh one (the first caller's, among racers).
+        ``fields`` (prefix-relative) are written with a fresh generation's
+        counters; ``created`` says afterwards whether this call made it."""
+        self.created = False
+        registers = self.backend.registers
         for _ in range(5):
-            gen = self.current_gen()
-            if gen is None:
-                fresh = self._create_gen()
-                if self.store.add_many({self.pointer: fresh.encode()}, self.ttl):
-                    note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
-                    return fresh
-                continue
-            progress = self.progress(gen, missing_ok=True)
-            if progress is None or progress.complete:
-                fresh = self._create_gen()
-                successor = prefix(self.name, gen) + "next"
-                if self.store.add_many({successor: fresh.encode()}, self.ttl):
-                    note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
-                    self.store.set_many({self.pointer: fresh.encode()}, self.ttl)
-                    return fresh
-                won: bytes | None = self.store.get_many([successor]).get(successor)
-                if won is not None:
-                    return won.decode()
-                continue
-            return gen
+            if registers is not None:
+                raw, token = registers.read(self.pointer)
+                gen = raw.decode() if raw is not None else None
+            else:
+                gen = self.current_gen()
+            if gen is not None:
+                progress = self.progress(gen, missing_ok=True)
+                if progress is not None and not progress.complete:
+                    return gen
+            fresh = self._create_gen(fields)
+            if registers is not None:
+                won = fresh if registers.swap(self.pointer, token, fresh.encode(), self.ttl) else None
+            else:
+                won = self._swap_in_store(gen, fresh)
+            if won == fresh:
+                self.created = True
+                note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
+            if won is not None:
+                return won
         raise RunStateLost(f"run {self.name!r}: its generation keeps changing under concurrent starts")
 
-    def _create_gen(self) -> str:
-        gen = new_gen()
+    def _swap_in_store(self, gen: str | None, fresh: str) -> str | None:
+        """Point the name from ``gen`` (None: nothing) to ``fresh`` in the store;
+        the generation it now points to (None: look again).  One store server:
+        ``add`` picks one winner, of the pointer or of the old generation's ``next``."""
+        if gen is None:
+            return fresh if self.store.add_many({self.pointer: fresh.encode()}, self.ttl) else None
+        successor = prefix(self.name, gen) + "next"
+        if self.store.add_many({successor: fresh.encode()}, self.ttl):
+            self.store.set_many({self.pointer: fresh.encode()}, self.ttl)
+            return fresh
+        won: bytes | None = self.store.get_many([successor]).get(successor)
+        return won.decode() if won is not None else None
+
+    def _create_gen(self, fields: Mapping[str, bytes] | None = None) -> str:
+        """A new generation whose keys live on a store server this process sees up."""
+        for _ in range(64):  # (with half the servers down, 64 draws all miss once in 2**64)
+            gen = new_gen()
+            if self.store.placeable(gen):
+                break
         p = prefix(self.name, gen)
-        self.store.add_many({p + "total": 0, p + "done": 0, p + "failed": 0, p + "seq": 0}, self.ttl)
+        items: dict[str, bytes | int] = {p + "total": 0, p + "done": 0, p + "failed": 0, p + "seq": 0}
+        items.update((p + field, value) for field, value in (fields or {}).items())
+        self.store.add_many(spill_values(self.store, self.signer, items, self.ttl), self.ttl)
         return gen
+
+    def forget_pointer(self) -> None:
+        """The name points nowhere now (``forget``)."""
+        registers = self.backend.registers
+        if registers is None:
+            self.store.delete_many([self.pointer])
+            return
+        for _ in range(5):
+            raw, token = registers.read(self.pointer)
+            if raw is None and token is None or registers.swap(self.pointer, token, None, self.ttl):
+                return
 
     # --- progress ----------------------------------------------------------
     def progress(self, gen: str, missing_ok: bool = False) -> Progress | None:
@@ -109,6 +147,13 @@ class RunState:
 
     def records(self, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         return records(self.store, self.signer, ids)
+
+
+def current_gen(backend: Backend, name: str) -> str | None:
+    """The generation the run name points to, or None."""
+    key = pointer(name)
+    raw = backend.registers.read(key)[0] if backend.registers is not None else backend.store.get_many([key]).get(key)
+    return raw.decode() if raw is not None else None
 
 
 def ref_for(backend: Backend, name: str, gen: str, path: str) -> JobRef:

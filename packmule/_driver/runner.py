@@ -31,7 +31,7 @@ from packmule._model import census as _census
 from packmule._model import job as _job
 from packmule._model import registry as _registry
 from packmule._model.job import JobContext, Spec, current
-from packmule._model.keys import check_name, parse_job_id, pointer, prefix, user_lock
+from packmule._model.keys import check_name, parse_job_id, prefix, user_lock
 from packmule._model.methods import FRAMEWORK, refusal
 from packmule._model.records import unwrap
 from packmule._transport.codec import dumps, signer_for
@@ -313,14 +313,23 @@ class Runner(Enqueuer, Waits):
     def forget(self) -> None:
         """Remove the run's state (its current generation: every key that can be
         named from its counters and markers) so the name starts afresh.  Jobs of
-        it still queued are set aside by the workers (their run has no state)."""
+        it still queued are set aside by the workers (their run has no state).
+        If the store server that holds the generation cannot be reached, the
+        name is freed all the same; the generation's keys expire with their ttl."""
         gen = self._gen()
         store = self.backend.store
-        keys = [pointer(self.name)]
+        state = self._state()
+        keys: list[str] = []
         if gen is not None:
-            keys += _census.run_keys(store, self.name, gen, prefix(self.name, gen))
-            keys += _registry.slot_of(store, self.name, gen, prefix(self.name, gen))  # (off the dashboard too)
-        _census.delete(store, keys)
+            try:
+                keys += _census.run_keys(store, self.name, gen, prefix(self.name, gen))
+                keys += _registry.slot_of(store, self.name, gen, prefix(self.name, gen))  # (off the dashboard too)
+            except BackendUnavailable as exc:
+                log.warning("run %r: forgotten, but its state stays until it expires: %s", self.name, exc)
+                keys = []
+        state.forget_pointer()
+        if keys:
+            _census.delete(store, keys)
         self._pm_gen = None
         self._pm_progress = None
 

@@ -38,6 +38,7 @@ class Waited(Protocol):
     """What a wait uses of the runner whose run it waits for (``packmule.Runner``)."""
 
     name: str
+    _pm_gen: str | None
 
     @property
     def backend(self) -> Backend: ...
@@ -233,6 +234,13 @@ class Waiter:
             self.outage_since = now
             log.warning("run %r: %s; waiting up to %.0fs for it to come back", self.runner.name, exc, OUTAGE_GRACE)
         elif now - self.outage_since > OUTAGE_GRACE:
+            gen = self.runner._pm_gen
+            home = self.runner.backend.store.holder(gen) if gen is not None else None
+            if home is not None and exc.server == home:
+                raise RunStateLost(
+                    f"run {self.runner.name!r} (generation {gen}): its state is on the store server {home}, which "
+                    f"has not answered for {OUTAGE_GRACE:.0f}s ({exc}); the run cannot complete. Other runs go on; "
+                    "start it again (a new run goes to a server that is up)") from exc
             raise exc
         time.sleep(0.5)
 

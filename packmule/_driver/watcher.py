@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from packmule._driver.run_state import current_gen
 from packmule._driver.runner import Runner
-from packmule._model.keys import job_id, pointer, prefix
+from packmule._model.keys import job_id, prefix
 from packmule._model.records import records
 from packmule._model.registry import BEAT_TTL, BUCKETS, RUN_SLOTS, STAT_KEYS, WORKER_SLOTS
 from packmule._transport.codec import signer_for
@@ -107,10 +108,9 @@ class Watcher:
     def run(self, name: str, generation: str | None = None) -> RunInfo | None:
         """The run's current generation (what ``update_progress()`` reads), or the one named."""
         if generation is None:
-            raw = self.store.get_many([pointer(name)]).get(pointer(name))
-            if raw is None:
+            generation = current_gen(self.backend, name)
+            if generation is None:
                 return None
-            generation = raw.decode()
         infos = self._infos([(name, generation, None)])
         return infos[0] if infos else None
 

@@ -9,9 +9,15 @@ key of another run, a registry key or a global key.  Everything after a run's
 name is written by packmule itself: a generation is 8 hex digits, a path is
 dotted decimals, a field is one of ``RUN_FIELDS`` or ``PATH_FIELDS``.
 
-Keys (``P`` = ``pm/<name>/<gen>/``)::
+A generation's keys carry it as their store *tag* (``{<gen>}``, see
+``backends.base.Store``): they all live on one server, the one the tag names
+in every process, whichever servers are up (``RunState`` picks a generation
+whose server is up when it makes one).
 
-    pm/<name>            the run's current generation (``forget`` deletes it)
+Keys (``P`` = ``pm/<name>/{<gen>}/``)::
+
+    pm/<name>            the run's current generation (``forget`` deletes it); in the
+                         backend's ``registers`` instead when it has them
     P total|done|failed  counters (created with the generation; missing = lost)
     P seq                counter that numbers jobs queued from outside any job
     P root               path of the first job queued from outside any job
@@ -26,8 +32,8 @@ Keys (``P`` = ``pm/<name>/<gen>/``)::
     P spec:<path>        a continuation's method, inputs and links
     P try:<path>         failed attempts of a job
     P f:<k>              path of the k-th failed job (for ``packmule status``)
-    pm-blob:<digest>     a pickled runner, stored once per state
-    pm-body:<digest>:<i> chunks of a queue body too large for the queue (``_spill``)
+    P blob:<digest>      a pickled runner, stored once per state and generation
+    pm-body:{<gen>}:<digest>:<i>  chunks of a queue body too large for the queue (``_spill``)
     pm-rejected:<keyid>  "<time> <worker key id>": workers refused jobs signed by that secret
     pm-reg:* pm-stats:*  what a dashboard reads (``_model.registry``)
 
@@ -44,7 +50,7 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
-    "GLOBAL_PREFIXES", "PATH_FIELDS", "RUN_FIELDS", "blob_key", "check_gen", "check_name", "job_id",
+    "BLOB_FIELD", "GLOBAL_PREFIXES", "PATH_FIELDS", "RUN_FIELDS", "blob_key", "check_gen", "check_name", "job_id",
     "parse_job_id", "pointer", "prefix", "recount_lock", "rejected_key", "user_lock", "value_key", "value_keys",
 ]
 
@@ -59,7 +65,8 @@ RUN_FIELDS = ("total", "done", "failed", "seq", "root", "cancel", "t", "next")
 COUNTERS = ("done", "total", "failed")  # (the order progress_of reads them in)
 PATH_FIELDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # + a job's path
 FAILED_FIELD = "f:"  # + the failure's number, 1, 2, ...
-GLOBAL_PREFIXES = ("pm-blob:", "pm-body:", "pm-rejected:", "pm-reg:", "pm-stats:")
+BLOB_FIELD = "blob:"  # + a runner's digest
+GLOBAL_PREFIXES = ("pm-body:", "pm-rejected:", "pm-reg:", "pm-stats:")
 
 
 def check_name(name: str, what: str = "run name") -> str:
@@ -84,11 +91,12 @@ def pointer(name: str) -> str:
 
 
 def prefix(name: str, gen: str) -> str:
-    return f"pm{SEP}{name}{SEP}{gen}{SEP}"
+    return f"pm{SEP}{name}{SEP}{{{gen}}}{SEP}"
 
 
-def blob_key(digest: str) -> str:
-    return f"pm-blob:{digest}"
+def blob_key(p: str, digest: str) -> str:
+    """The runner blob's key in the run generation whose prefix is ``p``."""
+    return f"{p}{BLOB_FIELD}{digest}"
 
 
 def rejected_key(key_id: str) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from packmule._core import config as _config
 from packmule._core.errors import RunStateLost
 from packmule._transport.codec import HEAD, Signer
+from packmule._transport.wire import shard_gen
 from packmule.backends.base import Backend, Put, Store
 
 __all__ = ["CHUNK", "MARK", "gather", "gather_one", "is_pointer", "spill_bodies", "spill_values"]
@@ -64,13 +65,14 @@ def spill_values(store: Store, signer: Signer, items: Mapping[str, bytes | int],
 
 def spill_bodies(backend: Backend, signer: Signer, puts: Sequence[Put], ttl: float) -> Sequence[Put]:
     """``puts`` as the queue can hold them: a body over ``queue.max_body`` goes
-    to the store in chunks (named by its digest) and its pointer is queued."""
+    to the store in chunks (named by its digest, tagged with its run generation
+    so that they live with the run's state) and its pointer is queued."""
     limit = _limit(backend.queue.max_body)
     if limit is None or all(len(put.body) <= limit for put in puts):
         return puts
-    return [put if len(put.body) <= limit else
-            put._replace(body=_store_chunks(backend.store, signer, "pm-body:" + _digest(put.body), put.body, ttl))
-            for put in puts]
+    return [put if len(put.body) <= limit else put._replace(body=_store_chunks(
+        backend.store, signer, f"pm-body:{{{shard_gen(put.shard)}}}:{_digest(put.body)}", put.body, ttl))
+        for put in puts]
 
 
 def is_pointer(blob: bytes) -> bool:

@@ -88,6 +88,11 @@ def shard(name: str, gen: str, path: str) -> str:
     return f"{name}/{gen}/{prefix}{i // BUNDLE}"
 
 
+def shard_gen(shard: str) -> str:
+    """The run generation of a job with this shard key."""
+    return shard.split("/", 2)[1]
+
+
 def encode(signer: Signer, tasks: Sequence[Task]) -> list[Put]:
     """Queue items for these tasks: consecutive tasks with one header and
     consecutive paths in one block share an item."""

@@ -158,7 +158,7 @@ class Committer:
             t, p, ctx = o.task, o.p, o.ctx
             if ctx is not None and (ctx.children or ctx.deferreds):
                 enqueued.append(o)
-                adds.update((blob_key(d), b) for d, b in ctx.blobs.items())
+                adds.update((blob_key(p, d), b) for d, b in ctx.blobs.items())
                 adds[p + "cm:" + t.path] = b"%d" % ctx.position  # (how a recount finds its children)
                 for path, spec in ctx.deferreds.items():
                     if path == o.handoff:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from packmule._core import config as _config
+from packmule._core.errors import BackendUnavailable
 from packmule._core.types import JobRef
 from packmule._model import job as _job
 from packmule._model.job import JobContext, Spec, current
@@ -47,6 +48,7 @@ log = logging.getLogger("packmule")
 
 HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
 FAST = 0.002  # s: jobs of a method quicker than this on average run a whole bundle in one go
+UNREACHABLE_MAX = 30.0  # s at most between tries of a job whose run's store server is away
 REJECTED_TTL = 3600.0  # s a note that jobs were refused for their signature stays in the store
 MAX_CRASHES = 3  # deaths of its worker a job may cause before it fails for good (Runner.max_crashes)
 
@@ -64,6 +66,7 @@ class Engine(Committer):
         # packmule's runner classes (Runner and its mixins), once per class and method, not per job
         self._refusals: dict[tuple[type, str], str | None] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
+        self._unreachable: dict[str, float] = {}  # store server -> when its jobs were first deferred
         self.max_payload = _config.max_payload()
         self.delay_scale = _config.delay_scale()  # (PACKMULE_DELAY_SCALE) on retry backoff and POLL_DELAY
 
@@ -86,6 +89,9 @@ class Engine(Committer):
                     # claiming this worker's own key id with a wrong tag was tampered
                     # with or forged, and there is no driver of another secret to warn
                     rejected[rejected_key(exc.key_id)] = f"{time.time():.3f} {self.signer.key_id.hex()}".encode()
+            except BackendUnavailable as exc:  # (its body is in chunks on a store server away now)
+                log.warning("job %s on %s goes back to the queue: %s", item.handle, item.server, exc)
+                self.queue.release(item.handle, 1.0)
             except Exception as exc:
                 log.warning("buried job %s on %s: unreadable body: %r", item.handle, item.server, exc)
                 self.queue.bury(item.handle)
@@ -93,12 +99,12 @@ class Engine(Committer):
             self.store.set_many(rejected, REJECTED_TTL)
         return out
 
-    def runner(self, digest: str, got: dict[str, bytes]) -> Any:
-        """A fresh runner object for a job: unpickled once per digest (its blob
-        is in ``got`` when not cached), then copied per job."""
+    def runner(self, digest: str, got: dict[str, bytes], p: str) -> Any:
+        """A fresh runner object for a job of the run generation ``p``: unpickled
+        once per digest (its blob is in ``got`` when not cached), then copied per job."""
         maker = self._runners.get(digest)
         if maker is None:
-            blob = got.get(blob_key(digest))
+            blob = got.get(blob_key(p, digest))
             if blob is None:
                 raise LookupError(f"runner {digest} is gone from the store")
             if len(self._runners) >= 1024:
@@ -107,11 +113,31 @@ class Engine(Committer):
             maker = self._runners[digest] = RunnerMaker(self.signer.loads(blob), self.backend)
         return maker()
 
+    def _defer_unreachable(self, bundles: list[Bundle]) -> list[Bundle]:
+        """Bundles of runs whose state is on a store server this process has set
+        aside go back to the queue unrun, to be tried again later: after a
+        second at first, and at most every UNREACHABLE_MAX seconds while the
+        server stays away.  Should it come back, they run; should it come back
+        empty, their run has no state and they are dropped as such.  (The
+        other runs' jobs never wait for them.)"""
+        keep = []
+        now = time.monotonic()
+        for bundle in bundles:
+            tag = bundle.tasks[0].gen
+            if self.store.placeable(tag):
+                keep.append(bundle)
+                continue
+            first = self._unreachable.setdefault(self.store.holder(tag) or "", now)
+            self.queue.release(bundle.item.handle, min(UNREACHABLE_MAX, max(1.0, now - first)))
+        if len(keep) == len(bundles) and self._unreachable:
+            self._unreachable.clear()  # (every server is back: the next outage starts at a second again)
+        return keep
+
     # --- running ---------------------------------------------------------------
     def run_batch(self, items: Sequence[Reserved]) -> int:
         """Run and commit a batch; returns how many tasks ran user code."""
         items = self._isolate_suspects(items)
-        bundles = self.decode(items)
+        bundles = self._defer_unreachable(self.decode(items))
         if not bundles:
             return 0
         for item, _, tasks in bundles:
@@ -176,7 +202,7 @@ class Engine(Committer):
             if first.method is None:
                 keys.update(p + "spec:" + t.path for t in tasks)
             if first.digest not in self._runners:
-                keys.add(blob_key(first.digest))
+                keys.add(blob_key(p, first.digest))
         got = gather(self.store, self.signer, self.store.get_many(list(keys)))
         specs = {}  # spec key -> Spec
         for _, p, tasks in bundles:
@@ -238,7 +264,7 @@ class Engine(Committer):
                             job_id(t.name, t.gen, t.path))
                 outcomes.extend(Outcome(item, tt, p, "split") for tt in tasks)
                 continue
-            limit = self._max_crashes(t.digest, got)
+            limit = self._max_crashes(t.digest, got, p)
             if item.crashes < limit:
                 log.warning("job %s: a worker died running it (%d of %d allowed); running it again",
                             job_id(t.name, t.gen, t.path), item.crashes, limit)
@@ -254,9 +280,9 @@ class Engine(Committer):
             outcomes.append(Outcome(item, t, p, "done", record, spec=spec))
         return keep
 
-    def _max_crashes(self, digest: str, got: dict[str, bytes]) -> int:
+    def _max_crashes(self, digest: str, got: dict[str, bytes], p: str) -> int:
         try:
-            return int(getattr(self.runner(digest, got), "max_crashes", MAX_CRASHES))
+            return int(getattr(self.runner(digest, got, p), "max_crashes", MAX_CRASHES))
         except Exception:  # the runner cannot be loaded: its job fails anyway when it runs
             return MAX_CRASHES
 
@@ -272,7 +298,7 @@ class Engine(Committer):
     def _call(self, item: Reserved, t: Task, p: str, method: str, got: dict[str, bytes],
               lead: tuple[Any, ...] = ()) -> Outcome:
         try:
-            runner = self.runner(t.digest, got)
+            runner = self.runner(t.digest, got, p)
             key = (type(runner), method)
             why = self._refusals[key] if key in self._refusals else self._refusals.setdefault(key, refusal(*key))
             fn: Callable[..., Any] | None = getattr(runner, method) if why is None else None

@@ -1,0 +1,97 @@
+"""Registers on ZooKeeper: where a run name points to its generation when the
+store is spread over several memcached servers (``backends.base.Registers``).
+
+Each register is a znode ``/packmule/registers/<name>`` (the name quoted as a
+lock's is) holding ``<expiry> <value>``, the expiry in Unix seconds.  A write is
+ZooKeeper's compare-and-set: ``create`` for a register read as absent, ``set`` or
+``delete`` with the version the read saw.  So among processes that race, or
+that disagree about which memcached servers are up, one write wins, and every
+process reads the same generation.  It uses the locks' session (one per process).
+
+An expired register reads as absent and is overwritten by the next start of its
+name; ``prune`` deletes expired ones (``packmule worker`` runs it now and then).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+
+from ..base import Registers
+from .locks import ZooKeeperLocks, node_name
+
+log = logging.getLogger("packmule.backends.beanstalk")
+
+REGISTER_ROOT = "/packmule/registers"
+
+
+class ZooKeeperRegisters(Registers):
+    def __init__(self, locks: ZooKeeperLocks) -> None:
+        self.locks = locks
+
+    def _path(self, name: str) -> str:
+        return f"{REGISTER_ROOT}/{node_name(name)}"
+
+    def read(self, name: str) -> tuple[bytes | None, Any]:
+        client = self.locks._connected()
+        try:
+            data, stat = client.get(self._path(name))
+        except NoNodeError:
+            return None, None
+        except KazooException as exc:
+            raise self.locks._unavailable(exc) from exc
+        value = _unexpired(data)
+        return value, stat.version
+
+    def swap(self, name: str, token: Any, value: bytes | None, ttl: float) -> bool:
+        client = self.locks._connected()
+        path = self._path(name)
+        data = b"%d %s" % (int(time.time() + (ttl or 30 * 24 * 3600)), value) if value is not None else b""
+        try:
+            if token is None:
+                if value is None:
+                    return True
+                client.create(path, data, makepath=True)
+            elif value is None:
+                client.delete(path, version=token)
+            else:
+                client.set(path, data, version=token)
+        except (NodeExistsError, BadVersionError, NoNodeError):
+            return False
+        except KazooException as exc:
+            raise self.locks._unavailable(exc) from exc
+        return True
+
+    def prune(self, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` expired registers; how many were deleted."""
+        client = self.locks._connected()
+        try:
+            names = client.get_children(REGISTER_ROOT)
+        except NoNodeError:
+            return 0
+        except KazooException as exc:
+            raise self.locks._unavailable(exc) from exc
+        deleted = 0
+        for child in names[:limit]:
+            path = f"{REGISTER_ROOT}/{child}"
+            try:
+                data, stat = client.get(path)
+                if _unexpired(data) is None:
+                    client.delete(path, version=stat.version)
+                    deleted += 1
+            except (NoNodeError, BadVersionError):
+                continue
+            except KazooException as exc:
+                raise self.locks._unavailable(exc) from exc
+        return deleted
+
+
+def _unexpired(data: bytes) -> bytes | None:
+    expiry, _, value = data.partition(b" ")
+    try:
+        return value if float(expiry) > time.time() else None
+    except ValueError:
+        return None
