@@ -216,3 +216,16 @@ class Plain(packmule.Runner):
 
     def work(self, x: Any = None) -> Any:
         return x
+
+
+class Gated(packmule.Runner):
+    """Jobs that wait for a file to exist (a test opens the gate when it has
+    done what it must do while they are queued or running)."""
+
+    def wait_for(self, i: int, gate: str) -> int:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gate {gate} was not opened within 120 s")
+            time.sleep(0.02)
+        return i

@@ -299,6 +299,8 @@ class Proxy:
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            with contextlib.suppress(OSError):  # (wakes the thread in accept(); close alone would not)
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for conn in self._conns:
             with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -24,21 +25,46 @@ FIRST_PROBE = 0.25  # s after a server is set aside that it is probed again; dou
 LAST_PROBE = 5.0  # s between probes at most
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+
 class Servers(NamedTuple):
-    """A server list and the setting that chose it, so errors can name both."""
+    """A server list and the setting that chose it, so errors can name both.
+
+    Each entry is ``host:port`` or ``label=host:port``.  Where keys and jobs go
+    is decided by each server's *id*, its label or else its ``host:port``: every
+    process must list the same ids (in any order).  A label is for processes
+    that reach one server at different addresses (NAT, containers, a proxy)."""
 
     addresses: list[tuple[str, int]]
     variable: str  # e.g. 'PACKMULE_BEANSTALKD'
     defaulted: bool  # the variable was not set: this is its default
+    labels: tuple[str, ...] = ()  # per address: its label, or ''
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], variable: str, default: str) -> Servers:
         raw = env.get(variable, "").strip()
-        return cls(split_servers(raw or default, variable), variable, not raw)
+        entries = [part.strip() for part in (raw or default).split(",") if part.strip()]
+        labels = tuple(entry.partition("=")[0].strip() if "=" in entry else "" for entry in entries)
+        for label in labels:
+            if label and not _LABEL.match(label):
+                raise ValueError(f"{variable}={raw!r}: the label {label!r} is not 1 to 64 of letters, digits "
+                                 "and _ . - (write label=host:port)")
+        addresses = split_servers(",".join(entry.rpartition("=")[2] for entry in entries), variable)
+        servers = cls(addresses, variable, not raw, labels)
+        if len(set(servers.ids)) != len(addresses):
+            raise ValueError(f"{variable}={raw!r} lists one server twice; list each once")
+        return servers
 
     @property
     def names(self) -> list[str]:
         return [f"{host}:{port}" for host, port in self.addresses]
+
+    @property
+    def ids(self) -> list[str]:
+        """What placement hashes: each server's label, or its ``host:port``."""
+        labels = self.labels or ("",) * len(self.addresses)
+        return [label or name for label, name in zip(labels, self.names, strict=True)]
 
     def unavailable(self, service: str, server: str, problem: BaseException | str) -> BackendUnavailable:
         """The error for ``server`` (one of ours) failing, naming it and the variable."""

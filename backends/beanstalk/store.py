@@ -83,7 +83,7 @@ class MemcachedStore(Store):
     def __init__(self, servers: Servers, connect_timeout: float) -> None:
         self.servers = servers
         self._names = servers.names
-        self._hash_names = [name.encode() + b"\0" for name in self._names]
+        self._hash_names = [server_id.encode() + b"\0" for server_id in servers.ids]
         self._connect_timeout = connect_timeout
         self._pool: ThreadConnections[Client] = ThreadConnections(self._client)
         self.health = Health(servers, "memcached", b"version\r\n", connect_timeout)

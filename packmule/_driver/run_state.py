@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from packmule._core.errors import RunStateLost
+from packmule._core.errors import BackendUnavailable, RunStateLost
 from packmule._core.types import JobRef, Progress
 from packmule._model.keys import COUNTERS, job_id, pointer, prefix, rejected_key
 from packmule._model.records import records
@@ -86,16 +86,24 @@ class RunState:
         return won.decode() if won is not None else None
 
     def _create_gen(self, fields: Mapping[str, bytes] | None = None) -> str:
-        """A new generation whose keys live on a store server this process sees up."""
-        for _ in range(64):  # (with half the servers down, 64 draws all miss once in 2**64)
-            gen = new_gen()
-            if self.store.placeable(gen):
-                break
-        p = prefix(self.name, gen)
-        items: dict[str, bytes | int] = {p + "total": 0, p + "done": 0, p + "failed": 0, p + "seq": 0}
-        items.update((p + field, value) for field, value in (fields or {}).items())
-        self.store.add_many(spill_values(self.store, self.signer, items, self.ttl), self.ttl)
-        return gen
+        """A new generation whose keys live on a store server this process sees
+        up (should that server fail now, it is set aside and another is drawn)."""
+        for _ in range(3):
+            for _ in range(64):  # (with half the servers down, 64 draws all miss once in 2**64)
+                gen = new_gen()
+                if self.store.placeable(gen):
+                    break
+            p = prefix(self.name, gen)
+            items: dict[str, bytes | int] = {p + "total": 0, p + "done": 0, p + "failed": 0, p + "seq": 0}
+            items.update((p + field, value) for field, value in (fields or {}).items())
+            try:
+                self.store.add_many(spill_values(self.store, self.signer, items, self.ttl), self.ttl)
+            except BackendUnavailable:
+                if self.store.placeable(gen):
+                    raise  # (not set aside: one store, or every server is away)
+                continue
+            return gen
+        raise self_unavailable(self.name)
 
     def forget_pointer(self) -> None:
         """The name points nowhere now (``forget``)."""
@@ -147,6 +155,11 @@ class RunState:
 
     def records(self, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         return records(self.store, self.signer, ids)
+
+
+def self_unavailable(name: str) -> BackendUnavailable:
+    return BackendUnavailable(f"run {name!r}: three store servers in a row failed while its new generation "
+                              "was being made; see the warnings logged for each")
 
 
 def current_gen(backend: Backend, name: str) -> str | None:

@@ -46,6 +46,11 @@ def _serve(backend: Backend, engine: Engine, stop: threading.Event, max_jobs: in
         try:
             ran += engine.run_batch(items)
         except BackendUnavailable:
+            # a server failed under the batch: its items go back now (an acked one is
+            # lapsed: ignored), not when their time-to-run ends; the caller waits a while
+            for item in items:
+                with contextlib.suppress(Exception):
+                    backend.queue.release(item.handle, 1.0)
             raise
         except Exception:  # a bug of packmule's, not of a job: keep serving, the jobs come back
             log.exception("a batch of %d queue items failed outside its jobs; they go back to the queue "
