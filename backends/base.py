@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 class Put(NamedTuple):
     """One job to queue: its body, its time-to-run, a delay before it is ready,
-    and the shard key that picks its server (equal keys, equal server)."""
+    and the shard key that picks its preferred server (equal keys, equal
+    server; a queue of several servers may put it on another while that one is down)."""
 
     shard: str
     body: bytes
@@ -76,7 +77,8 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     def server_for(self, shard: str) -> str:
         """The ``'host:port'`` (or ``'local:PID'``) that a job with this shard key
-        goes to.  Pure: no I/O, same answer for the same key."""
+        goes to while that server is up (its preferred server).  Pure: no I/O,
+        the same answer for the same key in every process, up or not."""
 
     @abc.abstractmethod
     def put_many(self, jobs: Sequence[Put]) -> None:
@@ -114,9 +116,15 @@ class Queue(abc.ABC):
         """Counts across all servers of this queue."""
 
     def stats_by_server(self) -> dict[str, QueueStats]:
-        """Counts per server (``server_for``'s names).  Optional: this default
-        reports ``stats()`` under the one name ``server_for`` gives."""
+        """Counts per server (``server_for``'s names) this process reaches.
+        Optional: this default reports ``stats()`` under the one name ``server_for`` gives."""
         return {self.server_for(""): self.stats()}
+
+    def uncounted(self) -> list[str]:
+        """The servers whose jobs ``stats()`` leaves out now (down, set aside):
+        jobs may wait there that no count shows, so an empty queue is not proof
+        that nothing is queued.  Optional: this default says none."""
+        return []
 
 
 class Store(abc.ABC):

@@ -40,7 +40,7 @@ def status(name: str) -> int:
         flags.append("cancelled")
     if progress.complete:
         flags.append("complete")
-    elif not (stats.ready or stats.reserved or stats.delayed):
+    elif not (stats.ready or stats.reserved or stats.delayed or runner.backend.queue.uncounted()):
         flags.append("STALLED: nothing is queued or running, yet the run is not complete")
     print(f"run {name} (generation {gen}): {progress}  done {progress.done} of {progress.total}, "
           f"failed {progress.failed}" + (f"  [{'; '.join(flags)}]" if flags else ""))

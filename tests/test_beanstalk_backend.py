@@ -29,6 +29,7 @@ import packmule.backends.beanstalk as beanstalk  # noqa: E402
 from packmule.backends.base import Put  # noqa: E402
 from packmule.backends.beanstalk import BeanstalkBackend  # noqa: E402
 from packmule.backends.beanstalk._pool import Servers  # noqa: E402
+from packmule.backends.beanstalk.queue import shard_index, shard_order  # noqa: E402
 from packmule.backends.beanstalk.store import MAX_TTL, expiry, memcached_key  # noqa: E402
 from pymemcache.client.base import Client as MemcacheClient  # noqa: E402
 
@@ -358,6 +359,33 @@ def test_server_for_is_the_same_in_every_process(
     mine = [backend.queue.server_for(f"job-{i}") for i in range(30)]
     assert other.stdout.split() == mine
     assert len(set(mine)) == 3
+
+
+def test_server_for_spreads_keys_evenly_whatever_the_order_the_servers_are_listed_in(
+    env: dict[str, str], make_backend: Callable[..., BeanstalkBackend],
+) -> None:
+    names = [f"127.0.0.1:{port}" for port in (7001, 7002, 7003)]
+    forward = make_backend({**env, "PACKMULE_BEANSTALKD": ",".join(names)})
+    backward = make_backend({**env, "PACKMULE_BEANSTALKD": ",".join(reversed(names))})
+    shards = [f"run/{i:08x}/{i % 7}" for i in range(3000)]
+    chosen = [forward.queue.server_for(shard) for shard in shards]
+    assert chosen == [backward.queue.server_for(shard) for shard in shards]
+    assert all(900 <= chosen.count(name) <= 1100 for name in names)  # 1000 each, within 10%
+
+
+def test_a_down_servers_keys_fall_to_the_others_evenly_and_no_other_key_moves() -> None:
+    names = [f"127.0.0.1:{port}" for port in (7001, 7002, 7003)]
+    shards = [f"run/{i:08x}/{i % 7}" for i in range(3000)]
+    orders = [shard_order(shard, names) for shard in shards]
+    assert [order[0] for order in orders] == [shard_index(shard, names) for shard in shards]
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    # with server 0 down: its keys go to their second choice, half to each other server
+    seconds = [order[1] for order in orders if order[0] == 0]
+    assert all(0.4 <= seconds.count(i) / len(seconds) <= 0.6 for i in (1, 2))
+    # and a key preferring 1 or 2 keeps its server when 0 is left out of the list
+    rest = [names[1], names[2]]
+    assert all(rest[shard_index(shard, rest)] == names[order[0]]
+               for shard, order in zip(shards, orders, strict=True) if order[0] != 0)
 
 
 def _reserve_and_vanish(results: Any, backend: BeanstalkBackend) -> None:

@@ -10,8 +10,10 @@ class JobRef(tuple[str, str]):
 
     ``id`` is ``'<run name>/<generation>/<job path>'``: the job's logical
     identity, the same on every re-run of the job that enqueued it.
-    ``server`` is the ``'host:port'`` of the beanstalkd that holds the job, or
-    ``'local:<pid>'`` for the local coordinator.  Immutable, hashable, picklable.
+    ``server`` is the ``'host:port'`` of the job's preferred beanstalkd (the one
+    that holds it, unless that server was down when the job was queued: then
+    another does, see ``backends/beanstalk/queue.py``), or ``'local:<pid>'`` for
+    the local coordinator.  Immutable, hashable, picklable.
     """
 
     __slots__ = ()

@@ -100,8 +100,10 @@ class Enqueuer:
 
     def _put(self, backend: Backend, state: RunState, p: str, marks: dict[str, bytes],
              by_server: dict[str, tuple[list[Put], list[str]]]) -> None:
-        """Queue the puts of an outside enqueue, server by server, its jobs
-        counted in ``total`` already.  If a put fails, the jobs of that server and
+        """Queue the puts of an outside enqueue, server by server (their preferred
+        servers: ``put_many`` fails over to another that is up, and raises only
+        when none would take them), its jobs counted in ``total`` already.  If a
+        put fails, the jobs of that server and
         of those not reached are taken back: each gets a void value (should a
         failed put have queued some, they find their value taken and count
         nothing), and the count of those whose void this call added comes off

@@ -299,7 +299,8 @@ class Waiter:
                     "the same PACKMULE_SECRET; the refused jobs are buried. Fix the secret, then forget() the "
                     "run and queue it again")
         stats = runner.backend.queue.stats()
-        if gen is not None and not (stats.ready or stats.reserved or stats.delayed):
+        uncounted = runner.backend.queue.uncounted()  # (down: it may hold jobs of the run, to run once it is back)
+        if gen is not None and not (stats.ready or stats.reserved or stats.delayed or uncounted):
             self.empty_since = self.empty_since or now
         else:
             self.empty_since = None

@@ -149,7 +149,7 @@ class Watcher:
 
     def _queue_idle(self) -> bool:
         s = self.backend.queue.stats()
-        return not (s.ready or s.reserved or s.delayed)
+        return not (s.ready or s.reserved or s.delayed or self.backend.queue.uncounted())
 
     def _rate(self, name: str, gen: str, now: float, done: int, started: float, complete: bool) -> float | None:
         """Jobs per second over the last RATE_WINDOW seconds this watcher saw the
