@@ -77,6 +77,7 @@ class BeanstalkQueue(Queue):
     def __init__(self, servers: Servers, tube: str, connect_timeout: float, pipeline: bool = True) -> None:
         self.servers, self.tube, self.pipeline = servers, tube, pipeline
         self._names = servers.names
+        self._ids = servers.ids  # (what placement hashes: labels where given)
         self._index_of = {name: i for i, name in enumerate(self._names)}
         self._connect_timeout = connect_timeout
         self._turns = itertools.count()
@@ -181,7 +182,7 @@ class BeanstalkQueue(Queue):
 
     def server_for(self, shard: str) -> str:
         """The shard key's preferred server (see ``shard_index``), up or not."""
-        return self._names[shard_index(shard, self._names)]
+        return self._names[shard_index(shard, self._ids)]
 
     def put_many(self, jobs: Sequence[Put]) -> None:
         """Queue every job on a live server: the first in its shard key's order
@@ -226,9 +227,9 @@ class BeanstalkQueue(Queue):
         usable = [i for i in self.health.live() if i not in failed] or [i for i in range(n) if i not in failed]
         groups: dict[int, list[Put]] = {}
         for job in jobs:
-            index = shard_index(job.shard, self._names)
+            index = shard_index(job.shard, self._ids)
             if index not in usable:
-                index = next((i for i in shard_order(job.shard, self._names) if i in usable), -1)
+                index = next((i for i in shard_order(job.shard, self._ids) if i in usable), -1)
                 if index < 0:
                     return {}
             groups.setdefault(index, []).append(job)
