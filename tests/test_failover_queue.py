@@ -19,6 +19,7 @@ import packmule
 from conformance.harness import Harness, beanstalk_harness, start_worker, stop_worker
 from conformance.runners import Worky
 from conformance.servers import Beanstalkd
+from packmule._driver import waiting
 from packmule._driver.waiting import STALLED_AFTER
 
 WAIT = 60
@@ -147,6 +148,19 @@ def test_a_run_with_jobs_on_a_killed_beanstalkd_completes_exactly_once_it_restar
     assert waited == [f"{len(refs)}.0 / {len(refs)}.0"]
     assert runner.deferred_result("total", refs) == sum(range(4)) * (len(refs) // 4)
     assert runner.update_progress() == f"{len(refs)}.0 / {len(refs)}.0"
+
+
+def test_a_run_whose_jobs_a_beanstalkd_took_for_good_raises_run_state_lost_naming_it(
+        cluster: Harness, tmp_path: Any, monkeypatch: Any) -> None:
+    # Given a run of jobs queued on both servers (a wait rides out 3 s of outage here)
+    monkeypatch.setattr(waiting, "OUTAGE_GRACE", 3.0)
+    runner = Worky(backend=cluster.backend)
+    _spread(cluster, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
+    # When the server with ready jobs is killed for good, and the live one's jobs have run
+    victim, _ = _kill_one_holding_ready_jobs(cluster)
+    # Then the wait ends, once the run has not moved for the grace, naming the server that has its jobs
+    with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
+        runner.wait(timeout=WAIT)
 
 
 def _wait_into(runner: Worky, out: list[object]) -> None:

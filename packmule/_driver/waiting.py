@@ -18,7 +18,7 @@ from packmule._driver.run_state import RunState, progress_of
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
 from packmule._transport.spill import gather
-from packmule.backends.base import Backend
+from packmule.backends.base import Backend, QueueStats
 
 __all__ = ["ValueReader", "Waited", "Waiter", "Waits"]
 
@@ -219,6 +219,7 @@ class Waiter:
         self.idle_since: float | None = None
         self.empty_since: float | None = None
         self.outage_since: float | None = None
+        self.away_since: float | None = None  # (since when the run's jobs can only be on queue servers away)
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
 
@@ -277,6 +278,24 @@ class Waiter:
             self.moved_at, self.recount_after = now, min(self.recount_after * 2, RECOUNT_AFTER_MAX)
         return fixed
 
+    def _check_away(self, gen: str | None, progress: Progress | None, stats: QueueStats, away: list[str],
+                    now: float, status: str) -> None:
+        """Nothing of the run is queued or running on the queue servers that are
+        up, and it has not moved for OUTAGE_GRACE seconds while some are away:
+        its remaining jobs are on those.  They run once such a server is back on
+        its binlog; a server that stays away has taken them, and this wait ends."""
+        if gen is None or progress is None or progress.complete or not away or (
+                stats.ready or stats.reserved or stats.delayed):
+            self.away_since = None
+            return
+        self.away_since = self.away_since or now
+        if now - max(self.away_since, self.moved_at) >= OUTAGE_GRACE:
+            raise RunStateLost(
+                f"run {self.runner.name!r} is at {status} and has not moved for {OUTAGE_GRACE:.0f}s: nothing of it "
+                f"is queued or running on the queue servers that are up, so its remaining jobs are on "
+                f"{', '.join(away)}, which cannot be reached; they run if it comes back with its binlog (wait "
+                "again then), or start the run afresh")
+
     def _check(self, now: float, status: str) -> None:
         runner = self.runner
         gen = runner._gen()
@@ -305,6 +324,7 @@ class Waiter:
         else:
             self.empty_since = None
         quiet = self.empty_since is not None and now - self.empty_since >= STALLED_AFTER
+        self._check_away(gen, progress, stats, uncounted, now, status)
         if gen is not None and progress is not None and progress.done < progress.total and (
                 quiet or now - self.moved_at >= self.recount_after):
             # no progress for a while (or nothing at all queued or running): a
