@@ -55,7 +55,9 @@ class QueueStats(NamedTuple):
 class ServerState(NamedTuple):
     """What this process knows of one server: ``state`` is ``'up'`` or ``'aside'``
     (it failed, and is being probed again); ``since`` is when it was set aside,
-    ``back`` when it last came back (wall-clock seconds, None if never)."""
+    ``back`` when it last came back (wall-clock seconds, None if never); ``role``
+    what an up server says it is, where it says (a ZooKeeper member: 'leader',
+    'follower', 'standalone'), else ''."""
 
     service: str  # 'beanstalkd', 'memcached', 'ZooKeeper'
     server: str
@@ -63,6 +65,7 @@ class ServerState(NamedTuple):
     since: float | None = None
     back: float | None = None
     problem: str = ""
+    role: str = ""
 
 
 class Queue(abc.ABC):

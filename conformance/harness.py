@@ -190,18 +190,21 @@ def _listed(servers: list[Any]) -> str:
 
 @contextlib.contextmanager
 def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), beanstalkds: int = 1,
-                      memcacheds: int = 1) -> Iterator[Harness]:
+                      memcacheds: int = 1, zookeepers: int = 1) -> Iterator[Harness]:
     """Real beanstalkd, memcached and ZooKeeper on free loopback ports (``beanstalkds``
-    and ``memcacheds`` of the first two), and a ``packmule worker --concurrency 2``
-    serving them (none with concurrency 0); all stopped by PID.  ``extras`` holds
-    the servers: ``beanstalkd``/``memcached`` the first of each, ``beanstalkds``/``memcacheds``
-    the lists."""
+    and ``memcacheds`` of the first two; ``zookeepers`` > 1: an ensemble of that many
+    members), and a ``packmule worker --concurrency 2`` serving them (none with
+    concurrency 0); all stopped by PID.  ``extras`` holds the servers: ``beanstalkd``/
+    ``memcached`` the first of each, ``beanstalkds``/``memcacheds`` the lists;
+    ``zookeeper`` the standalone server or the ``ZooKeeperEnsemble`` (both stop, kill
+    and start; ``.address`` is ``PACKMULE_ZOOKEEPER``), ``zookeepers`` its members."""
     import secrets
     import tempfile
 
     import pytest
     from packmule.backends.beanstalk import BeanstalkBackend
 
+    from .ensemble import ZooKeeperEnsemble
     from .servers import Beanstalkd, Memcached, ZooKeeper, servers_installed
 
     missing = servers_installed()
@@ -211,7 +214,8 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), b
     with tempfile.TemporaryDirectory(prefix="packmule-cluster-") as tmp, contextlib.ExitStack() as servers:
         bss = [servers.enter_context(Beanstalkd(tmp)) for _ in range(beanstalkds)]
         mcs = [servers.enter_context(Memcached(tmp)) for _ in range(memcacheds)]
-        zk = servers.enter_context(ZooKeeper(tmp))
+        zk = servers.enter_context(ZooKeeperEnsemble(tmp, zookeepers) if zookeepers > 1 else ZooKeeper(tmp))
+        zks = zk.members if isinstance(zk, ZooKeeperEnsemble) else [zk]
         env = {"PACKMULE_BACKEND": "beanstalk", "PACKMULE_BEANSTALKD": ",".join(s.address for s in bss),
                "PACKMULE_MEMCACHED": _listed(mcs), "PACKMULE_ZOOKEEPER": zk.address,
                "PACKMULE_SECRET": secrets.token_hex(16), "PACKMULE_TUBE": "conformance"}
@@ -222,7 +226,7 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), b
         run_env = environ_for(harness)
         run_env["PYTHONPATH"] = os.pathsep.join([root, run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         harness.extras.update(beanstalkd=bss[0], memcached=mcs[0], zookeeper=zk, beanstalkds=bss, memcacheds=mcs,
-                              env=run_env, root=root)
+                              zookeepers=zks, env=run_env, root=root)
         worker = start_worker(harness, concurrency, *worker_args) if concurrency else None
         harness.pids = lambda: job_processes([worker.pid]) if worker else []
         harness.extras["worker"] = worker
@@ -236,6 +240,20 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), b
 
 
 register("beanstalk", beanstalk_harness)
+
+
+@contextlib.contextmanager
+def beanstalk_degraded_ensemble_harness() -> Iterator[Harness]:
+    """The beanstalk harness on a 3-member ZooKeeper ensemble whose leader is
+    killed (SIGKILL) before any test: the whole suite, on two members of three
+    (``--backends beanstalk-zk-degraded``)."""
+    with beanstalk_harness(zookeepers=3) as h:
+        h.extras["zookeeper"].leader().kill()
+        h.extras["zookeeper"].wait_for_leader()
+        yield h
+
+
+register("beanstalk-zk-degraded", beanstalk_degraded_ensemble_harness)
 
 
 @contextlib.contextmanager

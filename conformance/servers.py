@@ -9,7 +9,8 @@ started, never by name::
         server.kill()       # SIGKILL
         server.restart()    # same port, same data dir (the binlog survives)
 
-How to start each one is in /work/shared/SERVICES.md.
+How to start each one is in /work/shared/SERVICES.md.  A ZooKeeper ensemble
+(several members, each a Server) is in ``ensemble.py``.
 """
 
 from __future__ import annotations
@@ -250,15 +251,28 @@ class ZooKeeper(Server):
 
     def ready(self) -> bool:
         """Accepting connections is not enough: ``srvr`` must say it serves requests."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                sock.sendall(b"srvr")
-                reply = b""
-                while chunk := sock.recv(4096):
-                    reply += chunk
-        except OSError:
-            return False
-        return b"Mode: standalone" in reply
+        return zookeeper_mode(self.port) == "standalone"
+
+
+def zookeeper_srvr(port: int, timeout: float = 1.0) -> str:
+    """A ZooKeeper's answer to ``srvr`` ('' if it does not answer)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"srvr")
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+    except OSError:
+        return ""
+    return reply.decode(errors="replace")
+
+
+def zookeeper_mode(port: int) -> str:
+    """'leader', 'follower', 'standalone', or '' (down, or not serving requests)."""
+    for line in zookeeper_srvr(port).splitlines():
+        if line.startswith("Mode: "):
+            return line[len("Mode: "):].strip()
+    return ""
 
 
 def _existing_user(*names: str) -> str:
@@ -299,8 +313,8 @@ class Proxy:
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            with contextlib.suppress(OSError):  # (wakes the thread in accept(); close alone would not)
-                listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # wakes the accept() of _accept: close() alone leaves
+                listener.shutdown(socket.SHUT_RDWR)  # it blocked, and the port still accepting
             listener.close()
         for conn in self._conns:
             with contextlib.suppress(OSError):

@@ -97,7 +97,7 @@ class BeanstalkBackend(Backend):
                 if not health.probe(index):
                     health.set_aside(index, "it did not answer a probe")
             out += health.states()
-        return out
+        return out + self.locks.server_states()
 
     def lock(self, name: str, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         return self.locks.lock(name, timeout)

@@ -1,16 +1,32 @@
 """Named locks on ZooKeeper, through kazoo's Lock recipe.
 
-One kazoo client (one ZooKeeper session) per process, started on first use.
 A lock is an ephemeral sequential node under ``/packmule/locks/<name>``: when
 its holder's process dies, ZooKeeper ends the session after ``SESSION_TIMEOUT``
-and deletes the node, which frees the lock.  A child made by ``os.fork`` starts
-a session of its own; it never touches (or releases) its parent's.
+and deletes the node, which frees the lock.  ``PACKMULE_ZOOKEEPER`` may list the
+members of an ensemble: kazoo moves a session to another member when its own
+dies, and the session, and its locks, survive that (and a new leader's
+election) as long as a quorum is back within the session timeout of the
+ensemble's last news from this process.
 
-A connection blip shorter than the session timeout goes unnoticed: the session,
-and the locks held, survive it.  When ZooKeeper stays out of reach that long,
-the session has ended on the server side: the client is then stopped, every
-waiting ``lock()`` raises ``BackendUnavailable``, and so does leaving a ``with``
-block whose lock was lost.  The next ``lock()`` starts a new session.
+Each ``lock()`` call has a kazoo client (a session) of its own while it waits or
+holds; a process keeps them, idle, for its next calls (so one session in all
+for a process that takes one lock at a time).  A child made by ``os.fork``
+starts sessions of its own; it never touches (or releases) its parent's.
+
+A session that holds a lock is never ended by this module while its holder is
+inside its ``with`` block, however long ZooKeeper stays out of reach: ending
+it would free the lock while its holder is still inside (and a session that
+could not be reached may well be alive: an ensemble that lost its quorum keeps
+its sessions, with a fresh timeout, once it has one again).  A session that
+only waits for a lock is ended once ZooKeeper has been out of reach for the
+session timeout: its ``lock()`` raises ``BackendUnavailable``.  Leaving a
+``with`` block raises ``BackendUnavailable`` when the lock was lost meanwhile
+(the session expired: another process may have held it too) or cannot be
+released within the session timeout (the session is then ended, which frees it).
+
+What no lock service can do without fencing: a holder that cannot reach a
+quorum for longer than the session timeout may have lost its lock while it
+is still inside its block; it learns so when it leaves.
 """
 
 from __future__ import annotations
@@ -26,13 +42,15 @@ import urllib.parse
 from collections.abc import Iterator
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, LockTimeout, NoNodeError
+from kazoo.exceptions import ConnectionLoss, KazooException, LockTimeout, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.lock import Lock
 
 from packmule._core.fork import forget_at_fork
 
+from ..base import ServerState
+from ._members import MemberHealth
 from ._pool import Servers
 
 log = logging.getLogger("packmule.backends.beanstalk")
@@ -40,6 +58,8 @@ log = logging.getLogger("packmule.backends.beanstalk")
 LOCK_ROOT = "/packmule/locks"
 SESSION_TIMEOUT = 4.0  # s without news from a process before ZooKeeper ends its session and frees
 #                        its locks (ZooKeeper clamps it to 2..20 ticks: 4 s with the default tickTime)
+
+IDLE, WAITING, HELD = "idle", "waiting", "held"  # what a session of this process does now
 
 _inherited: list[KazooClient] = []  # clients a fork child got from its parent: never used, kept
 #                                     referenced so that collecting them closes nothing
@@ -60,87 +80,134 @@ class ZooKeeperLocks:
         self.servers = servers
         self._hosts = ",".join(servers.names)
         self._connect_timeout, self._session_timeout = connect_timeout, session_timeout
-        self._forget_inherited(keep=False)
+        self.health = MemberHealth(servers, connect_timeout)
+        self._start_afresh()
         forget_at_fork(self)
 
-    def _forget_inherited(self, keep: bool = True) -> None:
-        """(Also run in a fork child.)  Drop the parent's client without using it."""
-        client = getattr(self, "_client", None) if keep else None
-        if client is not None:
-            atexit.unregister(client.handler.stop)  # its threads are not in this process
-            _inherited.append(client)
-        self._client: KazooClient | None = None
-        self._watchdog: threading.Timer | None = None
+    def _start_afresh(self) -> None:
+        self._sessions: dict[KazooClient, str] = {}  # this process's clients: IDLE, WAITING or HELD
+        self._watchdogs: dict[KazooClient, threading.Timer] = {}
         self._client_lock = threading.Lock()
         self._pid = os.getpid()
+
+    def _forget_inherited(self) -> None:
+        """(Run in a fork child.)  Drop the parent's clients without using them."""
+        for client in self._sessions:
+            atexit.unregister(client.handler.stop)  # its threads are not in this process
+            _inherited.append(client)
+        self._start_afresh()
 
     def _unavailable(self, problem: BaseException | str) -> Exception:
         return self.servers.unavailable("ZooKeeper", self._hosts, problem)
 
-    def _connected(self) -> KazooClient:
-        """This process's client, started now if need be, once it is connected."""
+    def server_states(self) -> list[ServerState]:
+        """Each member's state, every member that looks up probed first."""
+        return self.health.server_states()
+
+    # --- sessions --------------------------------------------------------------------------
+    def _session(self) -> KazooClient:
+        """A connected client of this process's that no other ``lock()`` uses, now WAITING."""
         if self._pid != os.getpid():
             self._forget_inherited()
         with self._client_lock:
-            if self._client is None:
-                client = KazooClient(
-                    hosts=self._hosts, timeout=self._session_timeout,
-                    connection_retry={"max_tries": -1, "max_delay": 1.0},
-                    command_retry={"max_tries": -1, "max_delay": 0.5, "deadline": self._session_timeout},
-                )
-                client.add_listener(lambda state: self._on_state(client, state))
-                try:
-                    client.start(timeout=self._connect_timeout)  # on failure it stops itself
-                except KazooTimeoutError:
-                    raise self._unavailable(f"no connection within {self._connect_timeout:g} s") from None
-                self._client = client
-            client = self._client
+            idle = [client for client, use in self._sessions.items() if use == IDLE]
+            client = next((c for c in idle if c.state == KazooState.CONNECTED), idle[0] if idle else None)
+            if client is not None:
+                self._sessions[client] = WAITING
+        if client is None:
+            return self._new_session()
         deadline = time.monotonic() + self._connect_timeout
         while client.state != KazooState.CONNECTED:  # it reconnects by itself after a blip
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or client not in self._sessions:
+                self._done_with(client)
                 raise self._unavailable(f"connection lost and not back within {self._connect_timeout:g} s")
             time.sleep(0.02)
         return client
 
+    def _new_session(self) -> KazooClient:
+        client = KazooClient(
+            hosts=self._hosts, timeout=self._session_timeout,
+            connection_retry={"max_tries": -1, "max_delay": 1.0},
+            command_retry={"max_tries": -1, "max_delay": 0.5, "deadline": self._session_timeout},
+        )
+        client.add_listener(lambda state: self._on_state(client, state))
+        with self._client_lock:
+            self._sessions[client] = WAITING
+        try:
+            client.start(timeout=self._connect_timeout)  # on failure it stops itself
+        except KazooTimeoutError:
+            self._retire(client)
+            raise self._unavailable(f"no connection within {self._connect_timeout:g} s") from None
+        return client
+
     def _on_state(self, client: KazooClient, state: str) -> bool:
         """kazoo waits forever for a connection to come back, and so does any
-        call made meanwhile (kazoo's Lock makes such calls).  Once the session
-        timeout has passed without one, ZooKeeper has ended the session anyway:
-        then stop the client, which fails every waiting call."""
-        if client is not self._client:
-            return False
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if state == KazooState.SUSPENDED:
-            self._watchdog = threading.Timer(self._session_timeout, self._give_up, (client,))
-            self._watchdog.daemon = True
-            self._watchdog.start()
-        elif state == KazooState.LOST:
-            log.warning("the ZooKeeper session at %s ended: locks this process held are free for others",
-                        self._hosts)
+        call made meanwhile (kazoo's Lock makes such calls): a watchdog ends a
+        waiting session that stays SUSPENDED for the session timeout."""
+        with self._client_lock:
+            if client not in self._sessions:
+                return True  # retired: unregister
+            watchdog = self._watchdogs.pop(client, None)
+            if state == KazooState.SUSPENDED:
+                self._watchdogs[client] = timer = threading.Timer(self._session_timeout, self._give_up, (client,))
+                timer.daemon = True
+                timer.start()
+            lost_held = state == KazooState.LOST and self._sessions[client] == HELD
+        if watchdog is not None:
+            watchdog.cancel()
+        if lost_held:
+            log.warning("the ZooKeeper session at %s that held a lock ended: the lock is free for others, and "
+                        "its holder gets BackendUnavailable when it leaves its block", self._hosts)
         return False  # stay registered
 
     def _give_up(self, client: KazooClient) -> None:
-        if client.state != KazooState.CONNECTED:
-            log.warning("no ZooKeeper at %s for %g s: ending this process's session (its locks are lost)",
-                        self._hosts, self._session_timeout)
-            self._end_session(client)
-
-    def _end_session(self, client: KazooClient) -> None:
-        """Stop ``client``: its session ends, so ZooKeeper frees every lock it held."""
+        """End a session that has been out of reach for the session timeout,
+        unless it holds a lock (its holder's leaving decides, see ``_release``).
+        Whatever it does is decided under the lock that ``_hold`` takes, so a
+        lock acquired meanwhile is never entered with an ended session."""
         with self._client_lock:
-            if self._client is client:
-                self._client = None
+            if client.state == KazooState.CONNECTED or self._sessions.get(client) in (None, HELD):
+                return
+            del self._sessions[client]
+            self._watchdogs.pop(client, None)
+        log.warning("no ZooKeeper at %s for %g s: ending a session that waits for a lock",
+                    self._hosts, self._session_timeout)
+        self._stop(client)
+
+    def _hold(self, client: KazooClient) -> bool:
+        """Mark ``client`` HELD (its lock acquired), unless it was given up meanwhile."""
+        with self._client_lock:
+            if self._sessions.get(client) != WAITING:
+                return False
+            self._sessions[client] = HELD
+            return True
+
+    def _done_with(self, client: KazooClient) -> None:
+        with self._client_lock:
+            if client in self._sessions:
+                self._sessions[client] = IDLE
+
+    def _retire(self, client: KazooClient) -> None:
+        """End ``client``'s session: ZooKeeper frees every node it has."""
+        with self._client_lock:
+            self._sessions.pop(client, None)
+            watchdog = self._watchdogs.pop(client, None)
+        if watchdog is not None:
+            watchdog.cancel()
+        self._stop(client)
+
+    @staticmethod
+    def _stop(client: KazooClient) -> None:
         with contextlib.suppress(Exception):
             client.stop()
             client.close()
 
+    # --- locks -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float | None) -> Iterator[None]:
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"lock timeout must be None or seconds >= 0, not {timeout!r}")
-        client = self._connected()
+        client = self._session()
         zlock = Lock(client, f"{LOCK_ROOT}/{node_name(name)}", f"{socket.gethostname()}:{os.getpid()}")
         try:
             got = zlock.acquire(timeout=timeout)
@@ -153,54 +220,82 @@ class ZooKeeperLocks:
         except BaseException:
             self._clean_up(client, zlock)
             raise
-        if not got:  # kazoo gave up retrying a lost connection before the timeout
+        if not got or not self._hold(client):  # kazoo gave up retrying, or the session was given up
+            connected = got is False and client.state == KazooState.CONNECTED
             self._clean_up(client, zlock)
-            if client.state != KazooState.CONNECTED:
-                raise self._unavailable("connection lost while waiting for the lock")
-            raise TimeoutError(f"lock {name!r} not acquired within {timeout} s")
-        owner = os.getpid()
+            if connected:
+                raise TimeoutError(f"lock {name!r} not acquired within {timeout} s")
+            raise self._unavailable("connection lost while waiting for the lock")
+        held = (os.getpid(), client.client_id)
         try:
             yield
         except BaseException:
-            self._release(client, zlock, owner, quiet=True)
+            self._release(client, zlock, held, quiet=True)
             raise
-        self._release(client, zlock, owner, quiet=False)
+        self._release(client, zlock, held, quiet=False)
 
-    def _release(self, client: KazooClient, zlock: Lock, owner: int, quiet: bool) -> None:
+    def _release(self, client: KazooClient, zlock: Lock, held: tuple[int, object], quiet: bool) -> None:
+        """Delete the lock's node.  Gone with the session it was made in: the
+        lock was lost while held (raise).  Not deleted within the session
+        timeout: end the session, which frees it (raise)."""
+        owner, session = held
         if os.getpid() != owner:
             return  # a fork child leaving the block: the lock is its parent's
-        try:
-            zlock.release()
-        except Exception as exc:
-            self._end_session(client)  # so that ZooKeeper frees the node by itself
+        problem = self._delete(client, f"{zlock.path}/{zlock.node}", session)
+        if problem is None or isinstance(problem, str):
+            self._done_with(client)
+        else:
+            self._retire(client)
+        if problem is not None:
+            log.warning("lock %s not released cleanly: %s", zlock.path, problem)
             if not quiet:
-                raise self._unavailable(exc) from exc
+                raise self._unavailable(problem)
+
+    def _delete(self, client: KazooClient, path: str, session: object) -> BaseException | str | None:
+        """Delete a held lock's node, retrying a lost connection (kazoo moves the
+        session to another member) for up to the session timeout."""
+        deadline = time.monotonic() + self._session_timeout
+        while True:
+            try:
+                client.delete_async(path).get(timeout=max(0.0, deadline - time.monotonic()))
+                return None
+            except NoNodeError:
+                if client.client_id == session:
+                    return None  # the same session: a try cut short by a lost connection deleted it
+                return ("the lock was lost while held: its session expired (ZooKeeper out of reach for the "
+                        f"{self._session_timeout:g} s session timeout), so another process may have held it too")
+            except Exception as exc:
+                if not isinstance(exc, ConnectionLoss) or time.monotonic() >= deadline:
+                    return exc
+                time.sleep(0.05)
 
     def _clean_up(self, client: KazooClient, zlock: Lock) -> None:
         """Make sure no contender node of ours is left after a failed acquire
         (kazoo's own clean-up gives up silently when the connection drops; a
         node left behind would hold the lock for as long as this process
-        lives).  If ZooKeeper cannot be asked, end the session instead."""
+        lives).  If ZooKeeper cannot be asked, end the session (it holds no
+        lock: a session serves one ``lock()`` at a time)."""
         try:
             if client.state != KazooState.CONNECTED:
                 raise ConnectionError
-            for child in client.get_children(zlock.path):
+            for child in client.retry(client.get_children, zlock.path):
                 if child.startswith(zlock.prefix):
-                    client.delete(f"{zlock.path}/{child}")
+                    client.retry(client.delete, f"{zlock.path}/{child}")
         except NoNodeError:
             pass
         except Exception:
-            self._end_session(client)
+            self._retire(client)
+            return
+        self._done_with(client)
 
     def close(self) -> None:
         if self._pid != os.getpid():
             self._forget_inherited()
             return
         with self._client_lock:
-            client, self._client = self._client, None
-            watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
+            clients, self._sessions = list(self._sessions), {}
+            watchdogs, self._watchdogs = list(self._watchdogs.values()), {}
+        for watchdog in watchdogs:
             watchdog.cancel()
-        if client is not None:
-            client.stop()
-            client.close()
+        for client in clients:
+            self._stop(client)
