@@ -153,20 +153,20 @@ def test_processes_that_disagree_about_a_store_server_never_split_a_run(two_stor
         assert name is not None
         gen = runner._pm_gen
         child_env = dict(env, PACKMULE_MEMCACHED=f"m1={one.address},m2={proxy.address}")
-        child = subprocess.Popen([sys.executable, "-c", DISAGREEING, name, gate], env=child_env,
-                                 cwd=two_stores.extras["root"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        try:
-            assert child.stdout.readline().split() == ["joined", gen]  # (it joined the same generation)
-            # When its way to that server is cut (the others still see it up)
-            proxy.cut()
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            out = [child.stdout.readline().split() for _ in range(3)]
-            assert child.wait(timeout=WAIT) == 0, child.stderr.read()[-3000:]
-        finally:
-            if child.poll() is None:
-                child.kill()
+        with subprocess.Popen([sys.executable, "-c", DISAGREEING, name, gate], env=child_env,
+                              cwd=two_stores.extras["root"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as child:
+            try:
+                assert child.stdout.readline().split() == ["joined", gen]  # (it joined the same generation)
+                # When its way to that server is cut (the others still see it up)
+                proxy.cut()
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                out = [child.stdout.readline().split() for _ in range(3)]
+                assert child.wait(timeout=WAIT) == 0, child.stderr.read()[-3000:]
+            finally:
+                if child.poll() is None:
+                    child.kill()
         # Then it neither starts another generation nor adds to this one: both enqueues are refused,
         # naming the server it cannot reach, and its runs elsewhere go on
         assert out == [["refused", proxy.address], ["refused", proxy.address], ["other", one.address]]

@@ -124,6 +124,15 @@ class ZooKeeperLocks:
             time.sleep(0.02)
         return client
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[KazooClient]:
+        """A connected session for a few plain calls (the registers'), IDLE again after."""
+        client = self._session()
+        try:
+            yield client
+        finally:
+            self._done_with(client)
+
     def _new_session(self) -> KazooClient:
         client = KazooClient(
             hosts=self._hosts, timeout=self._session_timeout,

@@ -36,9 +36,9 @@ class ZooKeeperRegisters(Registers):
         return f"{REGISTER_ROOT}/{node_name(name)}"
 
     def read(self, name: str) -> tuple[bytes | None, Any]:
-        client = self.locks._connected()
         try:
-            data, stat = client.get(self._path(name))
+            with self.locks.session() as client:
+                data, stat = client.get(self._path(name))
         except NoNodeError:
             return None, None
         except KazooException as exc:
@@ -47,18 +47,18 @@ class ZooKeeperRegisters(Registers):
         return value, stat.version
 
     def swap(self, name: str, token: Any, value: bytes | None, ttl: float) -> bool:
-        client = self.locks._connected()
         path = self._path(name)
         data = b"%d %s" % (int(time.time() + (ttl or 30 * 24 * 3600)), value) if value is not None else b""
+        if token is None and value is None:
+            return True
         try:
-            if token is None:
-                if value is None:
-                    return True
-                client.create(path, data, makepath=True)
-            elif value is None:
-                client.delete(path, version=token)
-            else:
-                client.set(path, data, version=token)
+            with self.locks.session() as client:
+                if token is None:
+                    client.create(path, data, makepath=True)
+                elif value is None:
+                    client.delete(path, version=token)
+                else:
+                    client.set(path, data, version=token)
         except (NodeExistsError, BadVersionError, NoNodeError):
             return False
         except KazooException as exc:
@@ -67,25 +67,22 @@ class ZooKeeperRegisters(Registers):
 
     def prune(self, limit: int = 10_000) -> int:
         """Delete up to ``limit`` expired registers; how many were deleted."""
-        client = self.locks._connected()
+        deleted = 0
         try:
-            names = client.get_children(REGISTER_ROOT)
+            with self.locks.session() as client:
+                for child in client.get_children(REGISTER_ROOT)[:limit]:
+                    path = f"{REGISTER_ROOT}/{child}"
+                    try:
+                        data, stat = client.get(path)
+                        if _unexpired(data) is None:
+                            client.delete(path, version=stat.version)
+                            deleted += 1
+                    except (NoNodeError, BadVersionError):
+                        continue
         except NoNodeError:
-            return 0
+            return deleted
         except KazooException as exc:
             raise self.locks._unavailable(exc) from exc
-        deleted = 0
-        for child in names[:limit]:
-            path = f"{REGISTER_ROOT}/{child}"
-            try:
-                data, stat = client.get(path)
-                if _unexpired(data) is None:
-                    client.delete(path, version=stat.version)
-                    deleted += 1
-            except (NoNodeError, BadVersionError):
-                continue
-            except KazooException as exc:
-                raise self.locks._unavailable(exc) from exc
         return deleted
 
 
