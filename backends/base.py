@@ -210,6 +210,11 @@ class Registers(abc.ABC):
         """Write ``value`` (None: delete it) only if the register is as the read
         that gave ``token`` found it; whether it was written."""
 
+    def prune(self) -> int:
+        """Delete registers that have expired; how many.  (Every worker process
+        calls it about hourly; optional: this default deletes none.)"""
+        return 0
+
 
 class Backend(abc.ABC):
     """A queue, a store and named locks, plus the secret that signs what they carry."""

@@ -27,6 +27,7 @@ import bisect
 import contextlib
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ ENABLED = os.environ.get("PACKMULE_REGISTRY", "1") != "0"
 RUN_SLOTS = 1024
 WORKER_SLOTS = 1024  # worker processes the dashboard lists at once (more share slots and flicker)
 BEAT = 2.0  # s between a worker's beats
+PRUNE_EVERY = 3600.0  # s (about) between a worker process's prunes of expired registers (run-name pointers)
 BEAT_TTL = 3 * BEAT  # a worker that stops beating leaves the registry after this long
 POOL_VAR = "PACKMULE_WORKER_POOL"  # (spawner to worker: how many processes its pool has)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, float("inf"))
@@ -162,9 +164,14 @@ class Beat:
             except Exception:  # servers away: try again at the next beat
                 if self._stop.wait(BEAT):
                     return
+        prune_at = time.monotonic() + random.uniform(0.1, 1.0) * PRUNE_EVERY
         while True:
             with contextlib.suppress(Exception):  # servers away: the next beat tries again
                 self.beat()
+            if time.monotonic() >= prune_at and self.backend.registers is not None:
+                prune_at = time.monotonic() + random.uniform(0.5, 1.5) * PRUNE_EVERY
+                with contextlib.suppress(Exception):  # (the next prune tries again)
+                    self.backend.registers.prune()
             if self._stop.wait(BEAT):
                 return
 
