@@ -1,7 +1,7 @@
 """The ``packmule`` command.
 
     packmule worker [--concurrency N] [--import MODULE ...]   serve the queue on this machine
-    packmule status NAME                                      a run's progress, failures and queue
+    packmule status [NAME]                                    a run's progress, failures and queue; the servers
     packmule progress NAME [--watch]                          a run's progress (a live bar with --watch)
     packmule dashboard [--host H] [--port P] [--token T]      the web dashboard (needs packmule[web])
 
@@ -23,15 +23,69 @@ from packmule._model.records import records
 from packmule._transport.codec import signer_for
 from packmule._worker import supervisor as _supervisor
 from packmule.backends import _choice
+from packmule.backends.base import Backend, QueueStats
 
 
-def status(name: str) -> int:
-    runner = Runner(check_name(name))
+def status(name: str | None) -> int:
+    """Print the run ``name``'s state (if named), then each server's; 1 if the run could not be read."""
+    backend = _choice.get_backend()
+    code = 0
+    try:
+        if name is not None:
+            _run_status(Runner(check_name(name), backend=backend))
+        else:
+            _queue_status(backend)
+    except PackMuleError as exc:  # (a server of the run's is down: the servers below say which)
+        print(f"packmule status: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    _server_status(backend)
+    return code
+
+
+def _queue_status(backend: Backend, stats: QueueStats | None = None) -> None:
+    stats = stats if stats is not None else backend.queue.stats()
+    print(f"queue ({backend.name}): ready {stats.ready}, running {stats.reserved}, "
+          f"delayed {stats.delayed}, buried {stats.buried}, workers {stats.workers}")
+
+
+def _server_status(backend: Backend) -> None:
+    """One line per server: service, address, state (up, aside since when: why, back since when), role."""
+    states = backend.server_states()
+    if not states:
+        print(f"servers ({backend.name}): none to watch")
+        return
+    now = time.time()
+    print(f"servers ({backend.name}):")
+    width = max(len(s.service) for s in states), max(len(s.server) for s in states)
+    for s in states:
+        if s.state == "up":
+            state = "up" + (f", {s.role}" if s.role else "")
+            if s.back is not None:
+                state += f", back since {_when(s.back, now)}"
+        else:
+            state = f"{s.state} since {_when(s.since, now)}" + (f": {s.problem}" if s.problem else "")
+        print(f"  {s.service:<{width[0]}}  {s.server:<{width[1]}}  {state}")
+
+
+def _when(t: float | None, now: float) -> str:
+    """``t`` as local time and how long before ``now``: '14:03:05 (2m05s ago)'."""
+    if t is None:
+        return "(unknown)"
+    ago = max(0, round(now - t))
+    span = (f"{ago}s" if ago < 60 else f"{ago // 60}m{ago % 60:02d}s" if ago < 3600
+            else f"{ago // 3600}h{ago % 3600 // 60:02d}m")
+    day = "%H:%M:%S" if now - t < 86400 else "%Y-%m-%d %H:%M:%S"
+    return f"{time.strftime(day, time.localtime(t))} ({span} ago)"
+
+
+def _run_status(runner: Runner) -> None:
+    name = runner.name
     state = runner._state()
     gen = state.current_gen()
     if gen is None:
         print(f"run {name}: no jobs (0.0 / 0.0)")
-        return 0
+        _queue_status(runner.backend)
+        return
     progress = state.progress(gen)
     assert progress is not None
     stats = runner.backend.queue.stats()
@@ -44,8 +98,7 @@ def status(name: str) -> int:
         flags.append("STALLED: nothing is queued or running, yet the run is not complete")
     print(f"run {name} (generation {gen}): {progress}  done {progress.done} of {progress.total}, "
           f"failed {progress.failed}" + (f"  [{'; '.join(flags)}]" if flags else ""))
-    print(f"queue ({runner.backend.name}): ready {stats.ready}, running {stats.reserved}, "
-          f"delayed {stats.delayed}, buried {stats.buried}, workers {stats.workers}")
+    _queue_status(runner.backend, stats)
     rejected = state.alerts(gen)[1]
     if rejected is not None:
         print(f"REFUSED: {time.time() - rejected[0]:.0f}s ago workers refused jobs signed with this "
@@ -66,7 +119,6 @@ def status(name: str) -> int:
             print(f"  {ref_id} {info['method']}({info['args']}): {info['exc_type']}: {info['message']}")
             for line in info.get("traceback", "").rstrip().splitlines()[-3:]:
                 print(f"      {line}")
-    return 0
 
 
 def progress(name: str, watch: bool) -> int:
@@ -126,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="serve the queue on this machine")
     _supervisor.add_arguments(worker)
-    st = sub.add_parser("status", help="a run's progress, failures and queue")
-    st.add_argument("name")
+    st = sub.add_parser("status", help="a run's progress, failures and queue; each server's state")
+    st.add_argument("name", nargs="?", help="the run (none: only the queue and the servers)")
     pr = sub.add_parser("progress", help="a run's progress")
     pr.add_argument("name")
     pr.add_argument("--watch", action="store_true", help="draw a live progress bar until the run is complete")

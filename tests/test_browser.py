@@ -157,6 +157,71 @@ def test_cancel_on_a_running_runs_page_stops_it_and_the_page_says_so(stack, brow
 
 
 @pytest.fixture
+def split_stack() -> Iterator[Stack]:
+    """Two beanstalkd, two memcached and a ZooKeeper (no worker), and their dashboard."""
+    require_browser()
+    from packmule._driver.watcher import Watcher
+    from packmule.web import create_app
+
+    with beanstalk_harness(concurrency=0, beanstalkds=2, memcacheds=2) as h, \
+            served(create_app(Watcher(h.backend))) as url:
+        yield Stack(h, url)
+
+
+def server_rows(driver: Any) -> dict[str, dict[str, str]]:
+    """What the Queue page's servers table shows: address -> its cells' texts."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "table#servers tr.server-state")
+    return {row.get_attribute("data-server"): {cell: row.find_element(By.CSS_SELECTOR, f".{cell}").text.strip()
+                                               for cell in ("service", "state", "since", "back", "role", "problem")}
+            for row in rows}
+
+
+def servers_shown(driver: Any, check: Callable[[dict[str, dict[str, str]]], bool]) -> Callable[[], Any]:
+    """A condition for ``wait_until``: the servers table's rows, once ``check(rows)`` holds."""
+    def look() -> dict[str, dict[str, str]] | None:
+        rows = server_rows(driver)
+        return rows if check(rows) else None
+    return look
+
+
+def test_the_queue_page_shows_a_killed_server_aside_then_back_without_a_reload(split_stack, browser):
+    queues, stores = split_stack.harness.extras["beanstalkds"], split_stack.harness.extras["memcacheds"]
+    zk = split_stack.harness.extras["zookeeper"]
+    # Given the Queue page of a cluster whose five servers are up
+    browser.get(split_stack.url + "/queue")
+    services = {queues[0].address: "beanstalkd", queues[1].address: "beanstalkd", stores[0].address: "memcached",
+                stores[1].address: "memcached", zk.address: "ZooKeeper"}
+    rows = wait_until(browser, servers_shown(browser, lambda r: {a: x["service"] for a, x in r.items()} == services
+                                             and all(x["state"] == "up" for x in r.values())),
+                      "the servers table to list the five servers, up")
+    assert rows[zk.address]["role"] == "standalone"
+    mark_page(browser)
+    # When one beanstalkd and one memcached are killed
+    dead = {queues[1].address, stores[1].address}
+    queues[1].kill()
+    stores[1].kill()
+    # Then, without a reload, their rows say aside, since when and why; the others stay up
+    rows = wait_until(browser, servers_shown(browser, lambda r: all(r[a]["state"] == "aside" for a in dead)),
+                      "the killed servers' rows to say aside")
+    for address, row in rows.items():
+        if address in dead:
+            assert row["since"].endswith(" ago)") and row["problem"], row
+        else:
+            assert row["state"] == "up" and row["since"] == "", row
+    # When they are started again
+    queues[1].start()
+    stores[1].start()
+    # Then their rows say up again, back since a moment ago
+    rows = wait_until(browser, servers_shown(browser, lambda r: all(r[a]["state"] == "up" for a in dead)),
+                      "the restarted servers' rows to say up")
+    for address in dead:
+        assert rows[address]["back"].endswith(" ago)") and rows[address]["since"] == "", rows[address]
+    assert page_was_not_reloaded(browser)
+
+
+@pytest.fixture
 def example_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     """The stack's backend named by the environment, as the example page finds it."""
     from packmule.backends import _choice

@@ -216,6 +216,19 @@ def test_run_api_lists_a_failure_with_its_method_arguments_exception_and_traceba
     assert "raise ValueError" in failure["traceback"]
 
 
+def test_api_servers_lists_each_server_of_the_backend_up(harness, dashboard):
+    answer = dashboard.get("/api/servers")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    if harness.backend.name == "local":
+        assert answer.json() == []  # (no servers: the coordinator is a process of this one)
+        return
+    listed = {(s["service"], s["server"], s["state"]) for s in answer.json()}
+    assert listed == {("beanstalkd", harness.extras["beanstalkd"].address, "up"),
+                      ("memcached", harness.extras["memcached"].address, "up"),
+                      ("ZooKeeper", harness.extras["zookeeper"].address, "up")}
+    # (a dead server, its time set aside and its return: tests/test_server_states_shown.py)
+
+
 def test_unknown_run_answers_404_json(dashboard):
     for path in ("/api/runs/no-such-run", "/api/runs/no-such-run/events"):
         answer = dashboard.get(path)
@@ -406,7 +419,10 @@ def test_pages_hold_the_elements_their_scripts_and_the_browser_tests_use(local):
                        "'X-PackMule': '1'", 'const NAME = "some-run";'):
             assert anchor in run, anchor
         assert '<table id="workers">' in client.get("/workers").text
-        assert '<table id="queue">' in client.get("/queue").text
+        queue = client.get("/queue").text
+        for anchor in ('<table id="queue">', '<table id="servers">', "tr.className = 'server-state'",
+                       "tr.dataset.server", "tr.dataset.state", "'/api/servers'"):
+            assert anchor in queue, anchor
         assert client.get("/runs/bad%20name").status_code == 404
 
 

@@ -1,7 +1,8 @@
 """The registry as a dashboard reads it (``Watcher``): the recent runs, each with its
 state (running, complete, failed, stalled, cancelled, lost), rate and ETA, the live
-workers, the queue, and the totals from every worker.  What the job path writes is
-``packmule._model.registry``'s; ``Watcher`` is all that ``packmule.web`` talks to."""
+workers, the queue, each server's state, and the totals from every worker.  What
+the job path writes is ``packmule._model.registry``'s; ``Watcher`` is all that
+``packmule.web`` talks to."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from packmule._model.records import records
 from packmule._model.registry import BEAT_TTL, BUCKETS, RUN_SLOTS, STAT_KEYS, WORKER_SLOTS
 from packmule._transport.codec import signer_for
 from packmule.backends import _choice
-from packmule.backends.base import Backend, QueueStats
+from packmule.backends.base import Backend, QueueStats, ServerState
 
 __all__ = ["Metrics", "RunInfo", "Watcher", "WorkerInfo"]
 
@@ -224,6 +225,11 @@ class Watcher:
 
     def queue(self) -> dict[str, QueueStats]:
         return dict(self.backend.queue.stats_by_server())
+
+    def servers(self) -> list[ServerState]:
+        """Each server of the backend as this process sees it (up, set aside since when, back
+        since when, its role), the ones that look up probed now; none for a backend without servers."""
+        return self.backend.server_states()
 
     def metrics(self) -> Metrics:
         got = self.store.get_many([f"pm-stats:{k}" for k in STAT_KEYS])

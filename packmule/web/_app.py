@@ -166,6 +166,10 @@ class _Views:
         queue = await self.call("queue")
         return _json({server: _stats(stats) for server, stats in queue.items()})
 
+    async def servers(self, request: Request) -> Response:
+        states = await self.call("servers")
+        return _json([_stats(state) for state in states])
+
     async def prometheus(self, request: Request) -> Response:
         body = await run_in_threadpool(self.metrics)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8",
@@ -213,6 +217,7 @@ def create_app(watcher: Watcher | None = None, *, token: str | None = None, allo
         Route("/api/runs/{name}/{action:str}", views.act, methods=["POST"]),
         Route("/api/workers", views.workers),
         Route("/api/queue", views.queue),
+        Route("/api/servers", views.servers),
         Route("/metrics", views.prometheus),
         Route("/static/progress.js", _progress_js),
     ]

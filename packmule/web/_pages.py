@@ -14,7 +14,7 @@ nav{background:#333;padding:.5em 1em}nav a{color:#eee;margin-right:1.5em;text-de
 nav a.here{color:#fff;font-weight:bold}main{padding:1em}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.25em .6em;border-bottom:1px solid #ddd}
 td.num,th.num{text-align:right}progress{width:12em;vertical-align:middle}
-.state.complete{color:#161}.state.failed,.state.lost,.state.cancelled{color:#a11}.state.stalled{color:#b60}
+.state.complete,.state.up{color:#161}.state.failed,.state.lost,.state.cancelled,.state.aside{color:#a11}.state.stalled{color:#b60}
 #status{color:#777;font-size:12px;margin-top:1em}pre.traceback{background:#f6f6f6;padding:.5em;overflow:auto}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{color:#666}
 """
@@ -227,6 +227,9 @@ QUEUE_BODY = """
 <table id="queue"><thead><tr><th>server</th><th class="num">ready</th><th class="num">running</th>
 <th class="num">delayed</th><th class="num">buried</th><th class="num">workers</th></tr></thead>
 <tbody></tbody></table>
+<h2>Servers</h2>
+<table id="servers"><thead><tr><th>service</th><th>server</th><th>state</th><th>set aside since</th>
+<th>back since</th><th>role</th><th>problem</th></tr></thead><tbody></tbody></table>
 """
 
 QUEUE_JS = r"""
@@ -242,10 +245,41 @@ function makeServer(s) {
 function updateServer(tr, s) {
   for (const k of ['ready', 'reserved', 'delayed', 'buried', 'workers']) set(tr, '.' + k, s[k]);
 }
+const states = $('#servers tbody');
+function makeState(s) {
+  const tr = document.createElement('tr');
+  tr.className = 'server-state';
+  tr.dataset.service = s.service;
+  tr.dataset.server = s.server;
+  cells(tr, ['service', 'name', 'state', 'since', 'back', 'role', 'problem']);
+  $('.service', tr).textContent = s.service;
+  $('.name', tr).textContent = s.server;
+  return tr;
+}
+function ago(t) { return t == null ? '' : clock(t) + ' (' + duration(Math.max(0, Date.now() / 1000 - t)) + ' ago)'; }
+function updateState(tr, s) {
+  tr.dataset.state = s.state;
+  set(tr, '.state', s.state);
+  $('.state', tr).className = 'state ' + s.state;
+  set(tr, '.since', s.state === 'up' ? '' : ago(s.since));
+  set(tr, '.back', ago(s.back));
+  set(tr, '.role', s.role);
+  set(tr, '.problem', s.problem);
+}
 every(1000, async () => {
-  const queue = (await getJSON('/api/queue')) || {};
-  const servers = Object.keys(queue).sort().map(server => Object.assign({server}, queue[server]));
-  syncRows(tbody, servers, s => s.server, makeServer, updateServer);
+  // (each table is updated from what its own request answered: a queue no server answers
+  // for must not keep the servers table, which says why, from updating)
+  const [queue, servers] = await Promise.allSettled([getJSON('/api/queue'), getJSON('/api/servers')]);
+  if (queue.status === 'fulfilled') {
+    const byServer = queue.value || {};
+    const rows = Object.keys(byServer).sort().map(server => Object.assign({server}, byServer[server]));
+    syncRows(tbody, rows, s => s.server, makeServer, updateServer);
+  }
+  if (servers.status === 'fulfilled') {
+    syncRows(states, servers.value || [], s => s.service + ' ' + s.server, makeState, updateState);
+  }
+  const failed = [queue, servers].find(answer => answer.status === 'rejected');
+  if (failed) throw failed.reason;
 });
 """
 
