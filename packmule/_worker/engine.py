@@ -19,6 +19,7 @@ This module runs the batch; ``packmule._worker.commit`` commits it (``Engine``'s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable
 from packmule._core.types import JobRef
 from packmule._model import job as _job
+from packmule._model import wake as _wakes
 from packmule._model.job import JobContext, Spec, current
 from packmule._model.keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
 from packmule._model.methods import refusal
@@ -143,6 +145,9 @@ class Engine(Committer):
         for item, _, tasks in bundles:
             self.watchdog.hold(item.handle, tasks[0].ttr)
         got, specs, recs, trail = self._fetch(bundles)
+        fetched = time.monotonic()
+        runs = {p for _, p, _ in bundles}
+        self.wakes = _wakes.armed(got, runs)
         outcomes: list[Outcome] = []
         bundles = self._set_aside_crashers(bundles, outcomes, got, specs)
         self._split_unknown(bundles, outcomes)
@@ -184,6 +189,9 @@ class Engine(Committer):
         took = (time.monotonic() - started) / max(ran, 1)
         for method in {tasks[0].method for _, _, tasks in bundles if tasks[0].method is not None}:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
+        if time.monotonic() - fetched > _wakes.REREAD_AFTER:  # (a driver may have armed meanwhile)
+            with contextlib.suppress(BackendUnavailable):  # (then its periodic look finds the run done)
+                self.wakes = _wakes.armed(self.store.get_many([p + "wake" for p in runs]), runs)
         self.commit_safely(outcomes)
         return ran
 
@@ -196,7 +204,7 @@ class Engine(Committer):
         keys: set[str] = set()
         for _, p, tasks in bundles:
             first = tasks[0]
-            keys.update((p + "total", p + "cancel"))
+            keys.update((p + "total", p + "cancel", p + "wake"))
             if len(tasks) == 1:  # a lone job may be a re-delivery of a completed one
                 keys.update((p + "v:" + first.path, p + "cm:" + first.path))
             if first.method is None:
