@@ -295,13 +295,18 @@ class Engine(Committer):
             return MAX_CRASHES
 
     def _split_unknown(self, bundles: list[Bundle], outcomes: list[Outcome]) -> None:
-        """Of a bundle whose method is not known to be quick, keep the first job
-        and hand the rest back (as one new bundle) for any worker to take."""
+        """Of a bundle whose method is not known to be quick, keep what this
+        worker runs within HANDBACK_AFTER at the method's recent speed (one job
+        if unknown) and hand the rest back at once, as one new bundle, for any
+        worker to take: the others are never idle while it holds them, and a
+        bundle of 4 ms jobs is put back once per 12 jobs, not once per job."""
         for item, p, tasks in bundles:
             method = tasks[0].method
-            if len(tasks) > 1 and method is not None and self._speed.get(method, 1.0) >= FAST:
-                outcomes.extend(Outcome(item, t, p, "handback") for t in tasks[1:])
-                del tasks[1:]
+            if len(tasks) > 1 and method is not None:
+                keep = max(1, int(HANDBACK_AFTER / max(self._speed.get(method, 1.0), 1e-6)))
+                if keep < len(tasks):
+                    outcomes.extend(Outcome(item, t, p, "handback") for t in tasks[keep:])
+                    del tasks[keep:]
 
     def _call(self, item: Reserved, t: Task, p: str, method: str, got: dict[str, bytes],
               lead: tuple[Any, ...] = ()) -> Outcome:
