@@ -150,17 +150,38 @@ def test_a_run_with_jobs_on_a_killed_beanstalkd_completes_exactly_once_it_restar
     assert runner.update_progress() == f"{len(refs)}.0 / {len(refs)}.0"
 
 
+def _stranded(h: Harness, tmp_path: Any) -> tuple[Worky, Beanstalkd]:
+    """A run of jobs queued on both servers, then the one with ready jobs killed for good: (run, killed)."""
+    runner = Worky(backend=h.backend)
+    _spread(h, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
+    victim, _ = _kill_one_holding_ready_jobs(h)
+    return runner, victim
+
+
 def test_a_run_whose_jobs_a_beanstalkd_took_for_good_raises_run_state_lost_naming_it(
         cluster: Harness, tmp_path: Any, monkeypatch: Any) -> None:
     # Given a run of jobs queued on both servers (a wait rides out 3 s of outage here)
     monkeypatch.setattr(waiting, "OUTAGE_GRACE", 3.0)
-    runner = Worky(backend=cluster.backend)
-    _spread(cluster, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
     # When the server with ready jobs is killed for good, and the live one's jobs have run
-    victim, _ = _kill_one_holding_ready_jobs(cluster)
+    runner, victim = _stranded(cluster, tmp_path)
     # Then the wait ends, once the run has not moved for the grace, naming the server that has its jobs
     with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
         runner.wait(timeout=WAIT)
+
+
+def test_recounts_that_find_nothing_do_not_put_off_run_state_lost_for_jobs_on_a_dead_beanstalkd(
+        cluster: Harness, tmp_path: Any, monkeypatch: Any) -> None:
+    # Given a run whose remaining jobs are on a beanstalkd killed for good, the live one's jobs done
+    monkeypatch.setattr(waiting, "OUTAGE_GRACE", 8.0)
+    runner, victim = _stranded(cluster, tmp_path)
+    _drained(cluster, runner)
+    # When a wait begins: the run does not move, and the wait's recounts (after 3, 6, 12 s...) find nothing
+    began = time.monotonic()
+    with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
+        runner.wait(timeout=WAIT)
+    # Then it gives up once the run has not moved for the grace: a recount that fixed nothing is no move
+    # (it was: the grace counted from the last recount, 17 s here and 75 s with the real 30 s grace)
+    assert time.monotonic() - began < waiting.OUTAGE_GRACE + 3
 
 
 def _wait_into(runner: Worky, out: list[object]) -> None:
