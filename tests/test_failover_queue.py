@@ -17,7 +17,7 @@ from packmule.backends.base import Put
 
 import packmule
 from conformance.harness import Harness, beanstalk_harness, start_worker, stop_worker
-from conformance.runners import Worky
+from conformance.runners import Gated, Worky
 from conformance.servers import Beanstalkd
 from packmule._driver import waiting
 from packmule._driver.waiting import STALLED_AFTER
@@ -182,6 +182,37 @@ def test_recounts_that_find_nothing_do_not_put_off_run_state_lost_for_jobs_on_a_
     # Then it gives up once the run has not moved for the grace: a recount that fixed nothing is no move
     # (it was: the grace counted from the last recount, 17 s here and 75 s with the real 30 s grace)
     assert time.monotonic() - began < waiting.OUTAGE_GRACE + 3
+
+
+@pytest.mark.xfail(strict=True, raises=TimeoutError,
+                   reason="known bug (issue 17, found by the failover soak): a wait judges whether its run's jobs "
+                   "can only be on an away beanstalkd by the whole tube's stats, and the jobs of a run lost with a "
+                   "dead memcached stay in the tube, deferred, for good")
+def test_a_run_stranded_on_a_dead_beanstalkd_raises_while_jobs_of_a_run_lost_to_a_dead_memcached_are_deferred(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(waiting, "OUTAGE_GRACE", 3.0)
+    with beanstalk_harness(concurrency=2, beanstalkds=2, memcacheds=2) as h:
+        # Given a run whose state is on a memcached killed for good: its jobs are deferred, in the tube
+        gate, dead_store = str(tmp_path / "gate"), h.extras["memcacheds"][1]
+        lost = Gated("on-the-dead-store", backend=h.backend)
+        while True:
+            lost.enqueue_each("wait_for", range(4), gate)
+            if h.backend.store.holder(lost._pm_gen) == dead_store.address:  # type: ignore[arg-type]
+                break
+            lost.forget()
+        dead_store.kill()
+        open(gate, "w").close()
+        _until(lambda: h.backend.queue.stats().delayed, "the lost run's jobs were not deferred")
+        # and a run with jobs on both beanstalkd, the one without the deferred jobs then killed for good
+        runner = Worky(backend=h.backend)
+        _spread(h, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
+        by_server = h.backend.queue.stats_by_server()
+        victim = next(s for s in _servers(h) if not by_server[s.address].delayed)
+        assert by_server[victim.address].ready
+        victim.kill()
+        # Then its wait ends naming the dead beanstalkd (it waits for ever: the deferred jobs keep the tube busy)
+        with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
+            runner.wait(timeout=20)
 
 
 def _wait_into(runner: Worky, out: list[object]) -> None:
