@@ -3,6 +3,7 @@
     python benchmarks/soak.py --backend local|beanstalk --minutes N
                               [--seed S] [--kill-every SECONDS] [--concurrency C]
                               [--deadline SECONDS] [--kinds tree,retried,...] [--load N]
+                              [--failover]
 
 Starts the backend through the conformance harness (``local``: a coordinator
 and 2 worker processes; ``beanstalk``: beanstalkd, memcached and ZooKeeper on
@@ -39,9 +40,19 @@ counts); the run counts as *over*.  A hang is printed with its tree too.
 ``--load N`` starts N CPU hogs of its own (``while True: pass``, killed by PID
 at the end): the races of a commit show under load; a quiet machine hides them.
 
+``--failover`` (beanstalk only, issue 17; ``soak_failover.py``): 2 beanstalkd,
+2 memcached and a 3-member ZooKeeper ensemble, and one server of each kind is
+killed for good partway (a third of the way in, staggered; the worker kills go
+on; no beanstalkd restart unless --restarts asks, and then of the live one).
+A run that raises ``RunStateLost`` naming the dead memcached that holds its
+state, or the dead beanstalkd that holds its remaining jobs, counts as *lost*
+(expected); any other error is a hang, as before.
+
 Each mismatch and hang is printed on its own line, then one summary line:
 
     soak local: 10.0 min, runs 412, jobs 123456, kills 97, restarts 0, refused 0, mismatches 0, hangs 0, over 0
+
+(with --failover, ``lost N (memcached M, beanstalkd B)`` before the mismatches).
 
 The exit status is 1 if there was any mismatch, hang or over.
 """
@@ -68,6 +79,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks.soak_runners, for this process and the local workers it starts
 
 import packmule  # noqa: E402
+from benchmarks.soak_failover import Failover  # noqa: E402
 from benchmarks.soak_runners import Soak, expected_big, expected_tree, leaf_value  # noqa: E402
 from benchmarks.soak_watch import Watcher, describe, start_hogs, stop_hogs  # noqa: E402
 from conformance.harness import Harness, beanstalk_harness, local_harness  # noqa: E402
@@ -140,6 +152,8 @@ class Driver:
         self.by_kind: Counter[tuple[str, str]] = Counter()
         self.problems: list[str] = []
         self.watcher = Watcher(self.say)
+        self.failover: Failover | None = None  # (--failover: its kills, and which RunStateLost is expected)
+        self.began: dict[str, float] = {}  # run name -> when the driver started it (a loss must follow a kill)
 
     def say(self, text: str) -> None:
         with self.lock:
@@ -166,8 +180,13 @@ class Driver:
                 self.tally["jobs"] += plan.total
                 self.tally[outcome] += 1
                 self.by_kind[(plan.kind, outcome)] += 1
+                if outcome.startswith("lost "):
+                    self.tally["lost"] += 1
             if outcome in ("mismatch", "hang"):
                 self.say(f"{outcome.upper()} {plan.name} {plan.method}{short(plan.args, 120)}: {detail}")
+            elif outcome.startswith("lost "):
+                print(f"LOST (expected, {outcome[5:]} died) {plan.name}: {short(detail, 300)}", file=sys.stderr,
+                      flush=True)
 
     def run(self, plan: Plan) -> tuple[str, str]:
         """Start the run (again under a new name while a server refuses), wait, check; forget it."""
@@ -192,6 +211,7 @@ class Driver:
             plan = dataclasses.replace(plan, name=plan.name + "r")
 
     def start_and_check(self, runner: Soak, plan: Plan, deadline: float) -> tuple[str, str]:
+        self.began[runner.name] = time.monotonic()
         try:
             if plan.kind == "fanin":
                 refs = runner.enqueue_each("square", range(plan.args[0]))
@@ -216,6 +236,10 @@ class Driver:
             except Exception as exc:
                 return self.hang(runner, "wait", exc)
             got = self.root_value(runner, plan)
+            if isinstance(got, packmule.RunStateLost):
+                lost = self.lost(runner, got)
+                if lost is not None:
+                    return lost, f"its value: {type(got).__name__}: {got}"
         self.watcher.check(runner, progress, "driver's wait")
         counts = (progress.done, progress.total, progress.failed)
         want = (plan.total, plan.total, plan.failed)
@@ -228,10 +252,22 @@ class Driver:
         return "ok", ""
 
     def hang(self, runner: Soak, what: str, exc: Exception) -> tuple[str, str]:
-        """A wait that raised: what it said, the progress, and the run's tree."""
+        """A wait that raised: what it said, the progress, and the run's tree (or,
+        with --failover, a loss the death of a server explains)."""
+        lost = self.lost(runner, exc)
+        if lost is not None:
+            return lost, f"{what} raised {type(exc).__name__}: {exc}"
         gen = self.watcher.gen_of(runner)
         tree = "\n" + describe(runner, gen) if gen else ""
         return "hang", f"{what} raised {type(exc).__name__}: {short(str(exc), 400)}; {self.progress_of(runner)}{tree}"
+
+    def lost(self, runner: Soak, exc: BaseException) -> str | None:
+        """``'lost <kind>'`` if ``exc`` is an expected loss of the run (--failover), else None."""
+        if self.failover is None:
+            return None
+        began = self.began.get(runner.name, 0.0)
+        kind = self.failover.lost(runner, self.watcher.gen_of(runner), began, exc)
+        return None if kind is None else f"lost {kind}"
 
     def root_value(self, runner: Soak, plan: Plan) -> Any:
         """What the run produced: its root's value, the file it wrote, or the error it raised."""
@@ -332,7 +368,10 @@ def soak(harness: Harness, args: argparse.Namespace) -> int:
     start = time.monotonic()
     end = start + args.minutes * 60
     server = harness.extras.get("beanstalkd")
-    restarts = args.restarts if args.restarts is not None else (1 if server is not None else 0)
+    if args.failover:  # one of each kind dies for good; a restart (asked for) is of the beanstalkd that lives
+        s.failover = Failover(harness.extras, args.seed, start, args.minutes * 60).start()
+        server = s.failover.survivor
+    restarts = args.restarts if args.restarts is not None else (1 if server is not None and not args.failover else 0)
     restart_at = [start + args.minutes * 60 * (k + 1) / (restarts + 1) for k in range(restarts if server else 0)]
     chaos = threading.Thread(target=s.chaos, args=(protected, restart_at, server.restart if server else None),
                              name="chaos", daemon=True)
@@ -351,19 +390,25 @@ def soak(harness: Harness, args: argparse.Namespace) -> int:
             d.join(args.deadline * 3)
         s.drained.set()
         chaos.join(60)
+        if s.failover is not None:
+            s.failover.close()
+            s.problems += s.failover.problems
         s.watcher.close()
         shutil.rmtree(scratch, ignore_errors=True)
     minutes = (time.monotonic() - start) / 60
-    kinds = ", ".join(f"{k} {s.by_kind[(k, 'ok')]}/{sum(s.by_kind[(k, o)] for o in ('ok', 'mismatch', 'hang'))}"
+    kinds = ", ".join(f"{k} {s.by_kind[(k, 'ok')]}/{sum(n for (kind, _), n in s.by_kind.items() if kind == k)}"
                       for k in s.kinds)
     for line in s.problems:
         print(line)
     print(f"ok per kind: {kinds}")
     t = s.tally
-    print(f"soak {args.backend}: {minutes:.1f} min, runs {t['runs']}, jobs {t['jobs']}, kills {t['kills']}, "
-          f"restarts {t['restarts']}, refused {t['refused']}, mismatches {t['mismatch']}, hangs {t['hang']}, "
+    lost = "" if s.failover is None else (
+        f"lost {t['lost']} (memcached {t['lost memcached']}, beanstalkd {t['lost beanstalkd']}), ")
+    mode = " --failover" if args.failover else ""
+    print(f"soak {args.backend}{mode}: {minutes:.1f} min, runs {t['runs']}, jobs {t['jobs']}, kills {t['kills']}, "
+          f"restarts {t['restarts']}, refused {t['refused']}, {lost}mismatches {t['mismatch']}, hangs {t['hang']}, "
           f"over {len(s.watcher.over)}")
-    failed = t["mismatch"] or t["hang"] or s.watcher.over or any(p.startswith("RESTART") for p in s.problems)
+    failed = t["mismatch"] or t["hang"] or s.watcher.over or any(p.startswith(("RESTART", "KILL")) for p in s.problems)
     return 1 if failed else 0
 
 
@@ -381,11 +426,16 @@ def main() -> None:
                     help="CPU hogs of its own to run beside the soak (0: none)")
     ap.add_argument("--log-level", default="ERROR", help="of this process's packmule logger")
     ap.add_argument("--worker-log-level", default="ERROR", help="of the worker processes")
+    ap.add_argument("--failover", action="store_true",
+                    help="2 servers of each kind, one of each killed for good partway (beanstalk only)")
     args = ap.parse_args()
+    if args.failover and args.backend != "beanstalk":
+        ap.error("--failover needs --backend beanstalk")
     os.environ["PACKMULE_LOG_LEVEL"] = args.worker_log_level  # local workers
     os.environ["PACKMULE_TEST_WORKER_LOG"] = args.worker_log_level  # the harness's packmule worker
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    harness = local_harness() if args.backend == "local" else beanstalk_harness()
+    harness = (local_harness() if args.backend == "local" else
+               beanstalk_harness(beanstalkds=2, memcacheds=2, zookeepers=3) if args.failover else beanstalk_harness())
     with harness as h:
         hogs = start_hogs(args.load)
         try:

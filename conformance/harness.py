@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -190,12 +190,14 @@ def _listed(servers: list[Any]) -> str:
 
 @contextlib.contextmanager
 def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), beanstalkds: int = 1,
-                      memcacheds: int = 1, zookeepers: int = 1) -> Iterator[Harness]:
+                      memcacheds: int = 1, zookeepers: int = 1,
+                      worker_env: Mapping[str, str] | None = None) -> Iterator[Harness]:
     """Real beanstalkd, memcached and ZooKeeper on free loopback ports (``beanstalkds``
     and ``memcacheds`` of the first two; ``zookeepers`` > 1: an ensemble of that many
     members), and a ``packmule worker --concurrency 2`` serving them (none with
-    concurrency 0); all stopped by PID.  ``extras`` holds the servers: ``beanstalkd``/
-    ``memcached`` the first of each, ``beanstalkds``/``memcacheds`` the lists;
+    concurrency 0), with ``worker_env`` added to its environment; all stopped by PID.
+    ``extras`` holds the servers: ``beanstalkd``/``memcached`` the first of each,
+    ``beanstalkds``/``memcacheds`` the lists;
     ``zookeeper`` the standalone server or the ``ZooKeeperEnsemble`` (both stop, kill
     and start; ``.address`` is ``PACKMULE_ZOOKEEPER``), ``zookeepers`` its members."""
     import secrets
@@ -225,6 +227,7 @@ def beanstalk_harness(concurrency: int = 2, worker_args: tuple[str, ...] = (), b
         harness = Harness(backend, env)
         run_env = environ_for(harness)
         run_env["PYTHONPATH"] = os.pathsep.join([root, run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        run_env.update(worker_env or {})
         harness.extras.update(beanstalkd=bss[0], memcached=mcs[0], zookeeper=zk, beanstalkds=bss, memcacheds=mcs,
                               zookeepers=zks, env=run_env, root=root)
         worker = start_worker(harness, concurrency, *worker_args) if concurrency else None

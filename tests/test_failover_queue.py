@@ -17,10 +17,11 @@ from packmule.backends.base import Put
 
 import packmule
 from conformance.harness import Harness, beanstalk_harness, start_worker, stop_worker
-from conformance.runners import Worky
+from conformance.runners import Gated, Worky
 from conformance.servers import Beanstalkd
 from packmule._driver import waiting
 from packmule._driver.waiting import STALLED_AFTER
+from packmule._worker.engine import UNREACHABLE_BURY
 
 WAIT = 60
 
@@ -150,17 +151,69 @@ def test_a_run_with_jobs_on_a_killed_beanstalkd_completes_exactly_once_it_restar
     assert runner.update_progress() == f"{len(refs)}.0 / {len(refs)}.0"
 
 
+def _stranded(h: Harness, tmp_path: Any) -> tuple[Worky, Beanstalkd]:
+    """A run of jobs queued on both servers, then the one with ready jobs killed for good: (run, killed)."""
+    runner = Worky(backend=h.backend)
+    _spread(h, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
+    victim, _ = _kill_one_holding_ready_jobs(h)
+    return runner, victim
+
+
 def test_a_run_whose_jobs_a_beanstalkd_took_for_good_raises_run_state_lost_naming_it(
         cluster: Harness, tmp_path: Any, monkeypatch: Any) -> None:
     # Given a run of jobs queued on both servers (a wait rides out 3 s of outage here)
     monkeypatch.setattr(waiting, "OUTAGE_GRACE", 3.0)
-    runner = Worky(backend=cluster.backend)
-    _spread(cluster, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
     # When the server with ready jobs is killed for good, and the live one's jobs have run
-    victim, _ = _kill_one_holding_ready_jobs(cluster)
+    runner, victim = _stranded(cluster, tmp_path)
     # Then the wait ends, once the run has not moved for the grace, naming the server that has its jobs
     with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
         runner.wait(timeout=WAIT)
+
+
+def test_recounts_that_find_nothing_do_not_put_off_run_state_lost_for_jobs_on_a_dead_beanstalkd(
+        cluster: Harness, tmp_path: Any, monkeypatch: Any) -> None:
+    # Given a run whose remaining jobs are on a beanstalkd killed for good, the live one's jobs done
+    monkeypatch.setattr(waiting, "OUTAGE_GRACE", 8.0)
+    runner, victim = _stranded(cluster, tmp_path)
+    _drained(cluster, runner)
+    # When a wait begins: the run does not move, and the wait's recounts (after 3, 6, 12 s...) find nothing
+    began = time.monotonic()
+    with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
+        runner.wait(timeout=WAIT)
+    # Then it gives up once the run has not moved for the grace: a recount that fixed nothing is no move
+    # (it was: the grace counted from the last recount, 17 s here and 75 s with the real 30 s grace)
+    assert time.monotonic() - began < waiting.OUTAGE_GRACE + 3
+
+
+def test_a_run_stranded_on_a_dead_beanstalkd_raises_while_jobs_of_a_run_lost_to_a_dead_memcached_are_deferred(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(waiting, "OUTAGE_GRACE", 3.0)
+    # (the worker buries the jobs of runs whose store server is away after 3 s, not 60)
+    with beanstalk_harness(concurrency=2, beanstalkds=2, memcacheds=2,
+                           worker_env={"PACKMULE_DELAY_SCALE": str(3 / UNREACHABLE_BURY)}) as h:
+        # Given a run whose state is on a memcached killed for good: its jobs are deferred, in the tube
+        gate, dead_store = str(tmp_path / "gate"), h.extras["memcacheds"][1]
+        lost = Gated("on-the-dead-store", backend=h.backend)
+        while True:
+            lost.enqueue_each("wait_for", range(4), gate)
+            if h.backend.store.holder(lost._pm_gen) == dead_store.address:  # type: ignore[arg-type]
+                break
+            lost.forget()
+        dead_store.kill()
+        open(gate, "w").close()
+        _until(lambda: h.backend.queue.stats().delayed, "the lost run's jobs were not deferred")
+        # and a run with jobs on both beanstalkd, the one without the deferred jobs then killed for good
+        runner = Worky(backend=h.backend)
+        _spread(h, runner, "pid_then_sleep_item", path=str(tmp_path / "pids"), seconds=0.3)
+        by_server = h.backend.queue.stats_by_server()
+        victim = next(s for s in _servers(h) if not by_server[s.address].delayed)
+        assert by_server[victim.address].ready
+        victim.kill()
+        # Then its wait ends naming the dead beanstalkd, once the lost run's jobs are buried (deferred for
+        # ever, they would keep the tube busy, and the wait could never tell its own jobs are all on the dead one)
+        with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
+            runner.wait(timeout=30)
+        assert h.backend.queue.stats().buried >= 1
 
 
 def _wait_into(runner: Worky, out: list[object]) -> None:

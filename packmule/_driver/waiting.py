@@ -228,6 +228,7 @@ class Waiter:
         self.outage_since: float | None = None
         self.away_since: float | None = None  # (since when the run's jobs can only be on queue servers away)
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
+        self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
         self.armed: tuple[str, int, str] | None = None  # (generation, done count, channel) armed in the wake key
 
@@ -319,7 +320,8 @@ class Waiter:
         if fixed:
             self.empty_since, self.moved_at, self.recount_after = None, now, STALLED_AFTER
         else:
-            self.moved_at, self.recount_after = now, min(self.recount_after * 2, RECOUNT_AFTER_MAX)
+            self.recount_after = min(self.recount_after * 2, RECOUNT_AFTER_MAX)
+        self.recounted_at = now
         return fixed
 
     def _check_away(self, gen: str | None, progress: Progress | None, stats: QueueStats, away: list[str],
@@ -370,7 +372,7 @@ class Waiter:
         quiet = self.empty_since is not None and now - self.empty_since >= STALLED_AFTER
         self._check_away(gen, progress, stats, uncounted, now, status)
         if gen is not None and progress is not None and progress.done < progress.total and (
-                quiet or now - self.moved_at >= self.recount_after):
+                quiet or now - max(self.moved_at, self.recounted_at) >= self.recount_after):
             # no progress for a while (or nothing at all queued or running): a
             # worker may have died between two store writes; recount the run
             if self._recount(gen, quiet):

@@ -44,13 +44,14 @@ from packmule._worker.runner_maker import RunnerMaker
 from packmule._worker.watchdog import Watchdog
 from packmule.backends.base import Backend, Reserved
 
-__all__ = ["FAST", "HANDBACK_AFTER", "MAX_CRASHES", "REJECTED_TTL", "Engine"]
+__all__ = ["FAST", "HANDBACK_AFTER", "MAX_CRASHES", "REJECTED_TTL", "UNREACHABLE_BURY", "Engine"]
 
 log = logging.getLogger("packmule")
 
 HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
 FAST = 0.002  # s: jobs of a method quicker than this on average run a whole bundle in one go
 UNREACHABLE_MAX = 30.0  # s at most between tries of a job whose run's store server is away
+UNREACHABLE_BURY = 60.0  # s a store server may be away before the jobs of its runs are buried
 REJECTED_TTL = 3600.0  # s a note that jobs were refused for their signature stays in the store
 MAX_CRASHES = 3  # deaths of its worker a job may cause before it fails for good (Runner.max_crashes)
 
@@ -68,7 +69,7 @@ class Engine(Committer):
         # packmule's runner classes (Runner and its mixins), once per class and method, not per job
         self._refusals: dict[tuple[type, str], str | None] = {}
         self._speed: dict[str, float] = {}  # method -> recent seconds per job, in this process
-        self._unreachable: dict[str, float] = {}  # store server -> when its jobs were first deferred
+        self._unreachable: dict[str, tuple[float, str]] = {}  # store server away -> (first deferral, a tag of it)
         self.max_payload = _config.max_payload()
         self.delay_scale = _config.delay_scale()  # (PACKMULE_DELAY_SCALE) on retry backoff and POLL_DELAY
 
@@ -118,21 +119,34 @@ class Engine(Committer):
     def _defer_unreachable(self, bundles: list[Bundle]) -> list[Bundle]:
         """Bundles of runs whose state is on a store server this process has set
         aside go back to the queue unrun, to be tried again later: after a
-        second at first, and at most every UNREACHABLE_MAX seconds while the
-        server stays away.  Should it come back, they run; should it come back
-        empty, their run has no state and they are dropped as such.  (The
-        other runs' jobs never wait for them.)"""
+        second at first, and at most every UNREACHABLE_MAX seconds.  Should the
+        server come back, they run (should it come back empty, their run has no
+        state and they are dropped as such).  Once it has been away for
+        UNREACHABLE_BURY seconds (scaled by PACKMULE_DELAY_SCALE) they are
+        buried instead: a memcached that died comes back empty, and jobs
+        deferred for ever would keep the queue busy, so that waits could never
+        tell that nothing of their runs is left on the live servers (an
+        operator who brings the server back with its data kicks them).  The
+        other runs' jobs never wait for them."""
         keep = []
         now = time.monotonic()
+        for holder in [h for h, (_, tag) in self._unreachable.items() if self.store.placeable(tag)]:
+            del self._unreachable[holder]  # (back: its next outage starts at a second again)
         for bundle in bundles:
             tag = bundle.tasks[0].gen
             if self.store.placeable(tag):
                 keep.append(bundle)
                 continue
-            first = self._unreachable.setdefault(self.store.holder(tag) or "", now)
-            self.queue.release(bundle.item.handle, min(UNREACHABLE_MAX, max(1.0, now - first)))
-        if len(keep) == len(bundles) and self._unreachable:
-            self._unreachable.clear()  # (every server is back: the next outage starts at a second again)
+            holder = self.store.holder(tag) or ""
+            first = self._unreachable.setdefault(holder, (now, tag))[0]
+            if now - first < UNREACHABLE_BURY * self.delay_scale:
+                self.queue.release(bundle.item.handle, min(UNREACHABLE_MAX, max(1.0, now - first)))
+                continue
+            t = bundle.tasks[0]
+            log.warning("buried %d job(s) from %s: the state of run %r is on the store server %s, away for %.0fs "
+                        "(`packmule status` counts them as buried; kick them if it comes back with its data)",
+                        len(bundle.tasks), job_id(t.name, t.gen, t.path), t.name, holder, now - first)
+            self.queue.bury(bundle.item.handle)
         return keep
 
     # --- running ---------------------------------------------------------------
