@@ -44,12 +44,11 @@ from packmule._worker.runner_maker import RunnerMaker
 from packmule._worker.watchdog import Watchdog
 from packmule.backends.base import Backend, Reserved
 
-__all__ = ["FAST", "HANDBACK_AFTER", "MAX_CRASHES", "REJECTED_TTL", "UNREACHABLE_BURY", "Engine"]
+__all__ = ["HANDBACK_AFTER", "MAX_CRASHES", "REJECTED_TTL", "UNREACHABLE_BURY", "Engine"]
 
 log = logging.getLogger("packmule")
 
 HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
-FAST = 0.002  # s: jobs of a method quicker than this on average run a whole bundle in one go
 UNREACHABLE_MAX = 30.0  # s at most between tries of a job whose run's store server is away
 UNREACHABLE_BURY = 60.0  # s a store server may be away before the jobs of its runs are buried
 REJECTED_TTL = 3600.0  # s a note that jobs were refused for their signature stays in the store
