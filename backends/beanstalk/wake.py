@@ -124,9 +124,9 @@ def _sweep(conn: _Line) -> None:
     head = conn.line().split()
     tubes = [line[2:].strip() for line in conn.body(int(head[1])).splitlines() if line.startswith(b"- ")]
     gone = 0
-    for tube in tubes:
-        if not tube.startswith(PREFIX.encode()) or gone >= SWEEP_MAX:
-            continue
+    for tube in [t for t in tubes if t.startswith(PREFIX.encode())][:SWEEP_MAX * 4]:  # (bounded work per listener)
+        if gone >= SWEEP_MAX:
+            break
         head = conn.ask(b"stats-tube %s\r\n" % tube).split()
         if head[0] != b"OK":
             continue
