@@ -68,6 +68,23 @@ class ServerState(NamedTuple):
     role: str = ""
 
 
+class Listener(abc.ABC):
+    """A channel of its own that a waiting process blocks on until a worker wakes
+    it (``Queue.wake``), instead of polling: ``channel`` is what a worker is
+    told to wake.  One thread uses a listener at a time."""
+
+    channel: str
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> bool:
+        """Block until the channel is woken (True; the wake is used up) or
+        ``timeout`` seconds pass (False).  A wake sent while nobody waited is
+        kept for the next ``wait``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Give the channel up."""
+
+
 class Queue(abc.ABC):
     """A work queue with time-to-run.  A reserved job belongs to its consumer
     until it is acked, released, buried, or its time-to-run passes (or the
@@ -122,6 +139,17 @@ class Queue(abc.ABC):
         """Counts per server (``server_for``'s names) this process reaches.
         Optional: this default reports ``stats()`` under the one name ``server_for`` gives."""
         return {self.server_for(""): self.stats()}
+
+    def wake(self, channels: Sequence[str]) -> None:  # noqa: B027 - optional, no-op by default
+        """Wake the listeners of these channels (``listen``): best effort, never
+        raises for a channel whose listener is gone; a lost wake only makes a wait
+        fall back to its periodic look.  Optional: this default wakes nobody."""
+
+    def listen(self) -> Listener | None:
+        """This thread's listener (made at its first call, kept for its next), or
+        None: the backend cannot wake a waiting process, which then polls (the
+        default)."""
+        return None
 
     def uncounted(self) -> list[str]:
         """The servers whose jobs ``stats()`` leaves out now (down, set aside):

@@ -41,6 +41,7 @@ from packmule._core.errors import BackendUnavailable
 from ..base import Put, Queue, QueueStats, Reserved
 from ._connection import PRIORITY, Connection, Keeper, Reservation, whole_seconds
 from ._pool import Health, Servers, ThreadConnections
+from .wake import Wakes
 
 log = logging.getLogger("packmule.backends.beanstalk")
 
@@ -71,7 +72,7 @@ def shard_order(shard: str, names: Sequence[str]) -> list[int]:
     return sorted(range(len(names)), key=scores.__getitem__, reverse=True)
 
 
-class BeanstalkQueue(Queue):
+class BeanstalkQueue(Wakes, Queue):
     """The tube ``tube`` on every server of ``servers``."""
 
     def __init__(self, servers: Servers, tube: str, connect_timeout: float, pipeline: bool = True) -> None:
@@ -84,6 +85,7 @@ class BeanstalkQueue(Queue):
         self._pool: ThreadConnections[Connection] = ThreadConnections(self._connect, lambda c: not c.closed)
         self._keeper = Keeper()
         self.health = Health(servers, "beanstalkd", b"list-tube-used\r\n", connect_timeout)
+        self._wakes_init()
 
     def _connect(self, index: int) -> Connection:
         server = self._names[index]

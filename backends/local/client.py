@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
+import secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Client, Connection
 from typing import Any, ClassVar
 
-from packmule.backends.base import Backend, Put, Queue, QueueStats, Reserved, Store
+from packmule.backends.base import Backend, Listener, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import receive, send
 
 from packmule._core.errors import BackendUnavailable
@@ -249,9 +251,30 @@ class LocalClient(Backend):
             self._conn.close()
 
 
+class _Listener(Listener):
+    """A channel on the coordinator, waited on over a connection of its own (a
+    wait blocks its connection)."""
+
+    def __init__(self, client: LocalClient) -> None:
+        self.pid = os.getpid()
+        self.channel = f"{self.pid}.{next(_channels)}.{secrets.token_hex(4)}"
+        self.c = LocalClient(client.address, client._secret, "listener")
+        self.c._call("listen", self.channel)
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self.c._call("listen_wait", self.channel, max(0.0, timeout)))
+
+    def close(self) -> None:
+        self.c.close()  # (the coordinator drops the channel with the connection)
+
+
+_channels = itertools.count(1)
+
+
 class _ClientQueue(Queue):
     def __init__(self, client: LocalClient, server: str) -> None:
         self.c, self.server = client, server
+        self._mine = threading.local()  # this thread's listener
 
     def server_for(self, shard: str) -> str:
         return self.server
@@ -276,6 +299,15 @@ class _ClientQueue(Queue):
 
     def stats(self) -> QueueStats:
         return QueueStats(*self.c._call("stats"))
+
+    def wake(self, channels: Sequence[str]) -> None:
+        self.c._post("wake", list(channels))
+
+    def listen(self) -> Listener:
+        listener: _Listener | None = getattr(self._mine, "listener", None)
+        if listener is None or listener.pid != os.getpid():  # (a fork child listens on a channel of its own)
+            listener = self._mine.listener = _Listener(self.c)
+        return listener
 
 
 class _ClientStore(Store):

@@ -92,6 +92,7 @@ class Coordinator:
         except (EOFError, OSError):
             pass  # the client's process ended (or closed): its reservations go back now
         finally:
+            core.unlisten(owner)
             back = core.release_owner(owner)
             if back:
                 log.warning("a local worker went away holding %d jobs; they are ready again", back)

@@ -42,6 +42,11 @@ class Core:
         self.values: dict[str, bytes | int] = {}
         self.expires: dict[str, float] = {}
         self.workers = 0
+        # listeners' channels (``Queue.listen``): channel -> woken since its last
+        # wait; and whose connection registered each (dropped when it goes away)
+        self.signals = threading.Condition()
+        self.woken: dict[str, bool] = {}
+        self.listeners: dict[object, set[str]] = {}
 
     # --- queue ---------------------------------------------------------------------
     def _tick(self, now: float) -> None:
@@ -150,6 +155,35 @@ class Core:
             return QueueStats(len(self.ready), len(self.reserved), len(self.delayed), len(self.buried),
                               self.workers)
 
+    # --- wakes ------------------------------------------------------------------------
+    def listen(self, owner: object, channel: str) -> None:
+        with self.signals:
+            self.woken.setdefault(channel, False)
+            self.listeners.setdefault(owner, set()).add(channel)
+
+    def listen_wait(self, channel: str, timeout: float) -> bool:
+        with self.signals:
+            if channel not in self.woken:
+                raise LookupError(f"channel {channel!r} is not listened on (listen first)")
+            self.signals.wait_for(lambda: self.woken.get(channel, True), timeout)
+            woken = self.woken.get(channel, False)
+            if channel in self.woken:
+                self.woken[channel] = False
+            return woken
+
+    def wake(self, channels: Sequence[str]) -> None:
+        with self.signals:
+            hit = [channel for channel in channels if channel in self.woken]
+            if hit:
+                self.woken.update(dict.fromkeys(hit, True))
+                self.signals.notify_all()
+
+    def unlisten(self, owner: object) -> None:
+        """A listener's connection went away: its channels go."""
+        with self.signals:
+            for channel in self.listeners.pop(owner, ()):
+                self.woken.pop(channel, None)
+
     # --- store -----------------------------------------------------------------------
     def _live(self, key: str, now: float) -> bytes | int | None:
         """The key's value; None if it is absent or expired (an expired key is dropped)."""
@@ -246,10 +280,12 @@ def call(core: Core, owner: object, op: str, args: tuple[Any, ...]) -> Any:
     """Dispatch one request from a client connection."""
     if op == "reserve_many":
         return core.reserve_many(owner, *args)
+    if op == "listen":
+        return core.listen(owner, *args)
     if op not in OPS:
         raise ValueError(f"unknown local backend operation {op!r}")
     return getattr(core, op)(*args)
 
 
 OPS = frozenset({"put_many", "ack_many", "release", "bury", "touch", "stats", "get_many", "get_list", "set_many",
-                 "add_many", "add_refused", "incr_many", "delete_many"})
+                 "add_many", "add_refused", "incr_many", "delete_many", "wake", "listen_wait"})

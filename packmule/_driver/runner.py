@@ -285,7 +285,7 @@ class Runner(Enqueuer, Waits):
                     return now
                 if now.total == 0:
                     raise NotReady(f"run {self.name!r} has no jobs to wait for")
-                waiter.pause(f"{now}")
+                waiter.pause(f"{now}", until_done=now.total)
         finally:
             if bar is not None:
                 bar.close()

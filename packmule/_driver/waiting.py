@@ -17,6 +17,7 @@ from packmule._core.types import JobRef, Progress
 from packmule._driver.run_state import RunState, progress_of
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
+from packmule._model.wake import wake_value
 from packmule._transport.spill import gather
 from packmule.backends.base import Backend, QueueStats
 
@@ -32,6 +33,9 @@ STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait
 REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
 RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
+ARM_AFTER = 0.004  # s a wait polls before it arms a wake and blocks until a worker wakes it
+LOOK_EVERY = 0.25  # s: a wait that blocks still looks this often (a wake lost, another waiter's arm won)
+MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
 
 
 class Waited(Protocol):
@@ -131,7 +135,7 @@ class Waits:
                 return
             looks += 1
             if looks > 2:  # (the count is usually one store call behind its value: look again at once, twice)
-                waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far")
+                waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far", until_done=jobs)
 
 
 
@@ -171,7 +175,8 @@ class ValueReader:
                     self.last_done = now.done
                     waiter.progressed()
                 if now.done - self.seen_done < min(left, READ_CHUNK) and not now.complete:
-                    waiter.pause(f"{left} of {len(keys)} jobs not done")
+                    waiter.pause(f"{left} of {len(keys)} jobs not done",
+                                 until_done=min(self.seen_done + min(left, READ_CHUNK), now.total))
                     return
                 self.seen_done = now.done
             self.cursor = self.pos
@@ -194,7 +199,9 @@ class ValueReader:
         while self.pos < len(keys) and keys[self.pos] in self.recs:
             self.pos += 1
         if self.ahead is None and self.pos < len(keys):
-            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done")
+            # (with the counters read beside the values: block until the next job is done)
+            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done",
+                         until_done=None if self.counts is None else self.counts.done + 1)
         else:
             waiter.progressed()
 
@@ -223,6 +230,7 @@ class Waiter:
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
         self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
+        self.armed: tuple[str, int, str] | None = None  # (generation, done count, channel) armed in the wake key
 
     def progressed(self) -> None:
         self.delay = POLL_MIN
@@ -246,7 +254,10 @@ class Waiter:
             raise exc
         time.sleep(0.5)
 
-    def pause(self, status: str) -> None:
+    def pause(self, status: str, until_done: int | None = None) -> None:
+        """Wait a while before the caller looks again: poll quickly at first,
+        then, given the ``done`` count that would end this wait (``until_done``),
+        block until the worker whose count reaches it wakes this process."""
         now = time.monotonic()
         name = self.runner.name
         if self.timeout is not None and now - self.start >= self.timeout:
@@ -261,8 +272,41 @@ class Waiter:
         if now - self.last_said >= STILL_WAITING_EVERY:
             self.last_said = now
             log.info("run %r: still waiting for %s (%s)", name, self.what, status)
+        if until_done is not None and now - self.start >= ARM_AFTER and self._block(until_done, now):
+            return
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.poll_max)
+
+    def _block(self, until_done: int, now: float) -> bool:
+        """Arm the run's wake key for ``until_done`` (then the caller looks once
+        more: the count may have got there before), or block until woken or
+        LOOK_EVERY passes.  False: no wake here (no listener, no generation)."""
+        gen = self.runner._pm_gen
+        if gen is None:
+            return False
+        try:
+            listener = self.runner.backend.queue.listen()  # (this thread's, kept by the backend)
+            if listener is None:
+                return False
+            if self.armed != (gen, until_done, listener.channel):
+                self.armed = (gen, until_done, listener.channel)
+                self._arm(prefix(self.runner.name, gen) + "wake", listener.channel, until_done)
+                return True
+            left = LOOK_EVERY if self.timeout is None else min(LOOK_EVERY, self.start + self.timeout - now)
+            listener.wait(max(0.0, left))
+        except BackendUnavailable:  # (no wake now: poll; the checks say if the run's server is gone)
+            return False
+        return True
+
+    def _arm(self, key: str, channel: str, until_done: int) -> None:
+        """Put this wait's channel and count in the wake key, beside those of up to
+        MAX_WAKERS - 1 other drivers (a read and a write: two drivers arming at
+        once may drop one, which then only looks every LOOK_EVERY)."""
+        store = self.runner.backend.store
+        raw = store.get_many([key]).get(key) or b""
+        others = [line for line in raw.split(b"\n") if line and not line.startswith(channel.encode() + b" ")]
+        lines = [*others[-(MAX_WAKERS - 1):], wake_value(channel, until_done)]
+        store.set_many({key: b"\n".join(lines)}, _config.state_ttl())
 
     def _recount(self, gen: str, quiet: bool) -> bool:
         """Recount the run (``Runner._recount``); whether it fixed anything.  The

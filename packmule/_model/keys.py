@@ -24,6 +24,7 @@ Keys (``P`` = ``pm/<name>/{<gen>}/``)::
     P cancel             present once the run is cancelled
     P t                  when the generation started (the registry's list of runs)
     P next               the generation that replaced this one once it completed
+    P wake               drivers blocked on the run: "<channel> <done count>" per line (``_model.wake``)
     P gap:<path>         paths from <path> on, this many, that an outside enqueue left unused
     P v:<path>           the job's value record; its add is the job's completion
     P cm:<path>          the job's enqueues were committed (its add counts total once): the
@@ -61,7 +62,7 @@ PATH_RE = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,9}){0,200}\Z")
 
 # A run generation's fields, each named once: forget() deletes what these name,
 # and the conformance suite tries a colliding run name against every one of them.
-RUN_FIELDS = ("total", "done", "failed", "seq", "root", "cancel", "t", "next")
+RUN_FIELDS = ("total", "done", "failed", "seq", "root", "cancel", "t", "next", "wake")
 COUNTERS = ("done", "total", "failed")  # (the order progress_of reads them in)
 PATH_FIELDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # + a job's path
 FAILED_FIELD = "f:"  # + the failure's number, 1, 2, ...

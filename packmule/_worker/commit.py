@@ -23,6 +23,7 @@ from packmule._model.job import FAULTS, fault
 from packmule._model.keys import blob_key, job_id
 from packmule._model.records import GONE
 from packmule._model.registry import STATS
+from packmule._model.wake import wake_crossed
 from packmule._transport.codec import Signer, dumps
 from packmule._transport.spill import gather, spill_bodies, spill_values
 from packmule._transport.wire import Task, encode
@@ -52,6 +53,7 @@ class Committer:
     watchdog: Watchdog
     max_payload: int
     delay_scale: float
+    wakes: dict[str, list[tuple[str, int]]] = {}  # run prefix -> drivers to wake (``_model.wake``)
 
 
     def commit(self, outcomes: list[Outcome]) -> None:
@@ -75,6 +77,8 @@ class Committer:
         results.update(self.store.incr_many(rest) if rest else {})
         if FAULTS:
             fault("after_counts")
+        if self.wakes:
+            wake_crossed(self.queue, self.wakes, results, counts.deltas)
         for key, delta in counts.deltas.items():
             if key.endswith(("/done", "/failed")):  # (the totals a dashboard shows: jobs this worker completed)
                 STATS.counted(key.rpartition("/")[2], delta)

@@ -19,6 +19,7 @@ This module runs the batch; ``packmule._worker.commit`` commits it (``Engine``'s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable
 from packmule._core.types import JobRef
 from packmule._model import job as _job
+from packmule._model import wake as _wakes
 from packmule._model.job import JobContext, Spec, current
 from packmule._model.keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
 from packmule._model.methods import refusal
@@ -42,12 +44,11 @@ from packmule._worker.runner_maker import RunnerMaker
 from packmule._worker.watchdog import Watchdog
 from packmule.backends.base import Backend, Reserved
 
-__all__ = ["FAST", "HANDBACK_AFTER", "MAX_CRASHES", "REJECTED_TTL", "UNREACHABLE_BURY", "Engine"]
+__all__ = ["HANDBACK_AFTER", "MAX_CRASHES", "REJECTED_TTL", "UNREACHABLE_BURY", "Engine"]
 
 log = logging.getLogger("packmule")
 
 HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
-FAST = 0.002  # s: jobs of a method quicker than this on average run a whole bundle in one go
 UNREACHABLE_MAX = 30.0  # s at most between tries of a job whose run's store server is away
 UNREACHABLE_BURY = 60.0  # s a store server may be away before the jobs of its runs are buried
 REJECTED_TTL = 3600.0  # s a note that jobs were refused for their signature stays in the store
@@ -157,6 +158,9 @@ class Engine(Committer):
         for item, _, tasks in bundles:
             self.watchdog.hold(item.handle, tasks[0].ttr)
         got, specs, recs, trail = self._fetch(bundles)
+        fetched = time.monotonic()
+        runs = {p for _, p, _ in bundles}
+        self.wakes = _wakes.armed(got, runs)
         outcomes: list[Outcome] = []
         bundles = self._set_aside_crashers(bundles, outcomes, got, specs)
         self._split_unknown(bundles, outcomes)
@@ -198,6 +202,9 @@ class Engine(Committer):
         took = (time.monotonic() - started) / max(ran, 1)
         for method in {tasks[0].method for _, _, tasks in bundles if tasks[0].method is not None}:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
+        if time.monotonic() - fetched > _wakes.REREAD_AFTER:  # (a driver may have armed meanwhile)
+            with contextlib.suppress(BackendUnavailable):  # (then its periodic look finds the run done)
+                self.wakes = _wakes.armed(self.store.get_many([p + "wake" for p in runs]), runs)
         self.commit_safely(outcomes)
         return ran
 
@@ -210,7 +217,7 @@ class Engine(Committer):
         keys: set[str] = set()
         for _, p, tasks in bundles:
             first = tasks[0]
-            keys.update((p + "total", p + "cancel"))
+            keys.update((p + "total", p + "cancel", p + "wake"))
             if len(tasks) == 1:  # a lone job may be a re-delivery of a completed one
                 keys.update((p + "v:" + first.path, p + "cm:" + first.path))
             if first.method is None:
@@ -301,13 +308,18 @@ class Engine(Committer):
             return MAX_CRASHES
 
     def _split_unknown(self, bundles: list[Bundle], outcomes: list[Outcome]) -> None:
-        """Of a bundle whose method is not known to be quick, keep the first job
-        and hand the rest back (as one new bundle) for any worker to take."""
+        """Of a bundle whose method is not known to be quick, keep what this
+        worker runs within HANDBACK_AFTER at the method's recent speed (one job
+        if unknown) and hand the rest back at once, as one new bundle, for any
+        worker to take: the others are never idle while it holds them, and a
+        bundle of 4 ms jobs is put back once per 12 jobs, not once per job."""
         for item, p, tasks in bundles:
             method = tasks[0].method
-            if len(tasks) > 1 and method is not None and self._speed.get(method, 1.0) >= FAST:
-                outcomes.extend(Outcome(item, t, p, "handback") for t in tasks[1:])
-                del tasks[1:]
+            if len(tasks) > 1 and method is not None:
+                keep = max(1, int(HANDBACK_AFTER / max(self._speed.get(method, 1.0), 1e-6)))
+                if keep < len(tasks):
+                    outcomes.extend(Outcome(item, t, p, "handback") for t in tasks[keep:])
+                    del tasks[keep:]
 
     def _call(self, item: Reserved, t: Task, p: str, method: str, got: dict[str, bytes],
               lead: tuple[Any, ...] = ()) -> Outcome:

@@ -1,0 +1,63 @@
+"""Waking a waiting driver instead of making it poll.
+
+A driver that waits for a run's ``done`` counter to reach a number writes, in
+the run's ``wake`` key, its listener's channel and that number (``Waiter.arm``
+in ``packmule._driver.waiting``).  A worker reads the key with what its batch
+needs anyway (one bulk get), and again before its commit when the batch ran
+long enough for a driver to have armed meanwhile; the commit whose ``incr`` of
+``done`` crosses the number wakes the channel (``Queue.wake``).  ``incr``
+results are distinct, so one commit crosses it.  A wake lost to a worker's
+death, or to a driver that armed just after a short batch read the key, costs
+only the wait's periodic look (``waiting.LOOK_EVERY``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+
+from packmule._core.errors import BackendUnavailable
+from packmule.backends.base import Queue
+
+__all__ = ["REREAD_AFTER", "armed", "crossed", "wake_crossed", "wake_value"]
+
+REREAD_AFTER = 0.005  # s: a batch longer than this reads its runs' wake keys again before its commit
+
+
+def wake_value(channel: str, threshold: int) -> bytes:
+    return f"{channel} {threshold}".encode()
+
+
+def armed(got: Mapping[str, bytes], prefixes: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
+    """Run prefix -> its waiters' (channel, done count to wake it at), for the runs whose wake key is armed."""
+    out = {}
+    for p in prefixes:
+        raw = got.get(p + "wake")
+        if raw:
+            waiters = []
+            for line in raw.decode("ascii", "replace").splitlines():
+                channel, _, threshold = line.partition(" ")
+                if threshold.isdigit():
+                    waiters.append((channel, int(threshold)))
+            out[p] = waiters
+    return out
+
+
+def crossed(wakes: Mapping[str, list[tuple[str, int]]], results: Mapping[str, int | None],
+            deltas: Mapping[str, int]) -> list[str]:
+    """The channels whose number this commit's count of ``done`` reached."""
+    out = []
+    for p, waiters in wakes.items():
+        done = results.get(p + "done")
+        if done is not None:
+            before = done - deltas.get(p + "done", 0)
+            out += [channel for channel, threshold in waiters if before < threshold <= done]
+    return out
+
+
+def wake_crossed(queue: Queue, wakes: Mapping[str, list[tuple[str, int]]], results: Mapping[str, int | None],
+                 deltas: Mapping[str, int]) -> None:
+    """Wake the channels this commit's count crossed (best effort: a wait looks now and then anyway)."""
+    channels = crossed(wakes, results, deltas)
+    if channels:
+        with contextlib.suppress(BackendUnavailable):
+            queue.wake(channels)
