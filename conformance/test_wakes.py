@@ -11,10 +11,10 @@ import threading
 import time
 
 import pytest
+from packmule.backends.base import Backend, Listener
 
 from packmule._model.keys import prefix
 from packmule._model.wake import wake_value
-from packmule.backends.base import Backend, Listener
 
 from .harness import Harness
 from .runners import Gated
