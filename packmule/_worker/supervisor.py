@@ -263,8 +263,8 @@ def worker_main(a: argparse.Namespace) -> int:
         log.error("--concurrency must be at least 1")
         return 2
     backend = os.environ.get("PACKMULE_BACKEND") or "local"  # (_choice.DEFAULT_BACKEND, not imported: see the top)
-    if backend == "local" and not os.environ.get("PACKMULE_LOCAL_ADDRESS"):
-        code, name, target = check(a)  # (here: the local backend this builds is the coordinator its children join)
+    if backend == "local":  # (checked here: the local backend built here may be the coordinator its children join)
+        code, name, target = check(a)
     else:
         code, name, target = checked(check, a)
     if code:
