@@ -8,6 +8,8 @@ cluster, and follow each run by name: its progress, its return value, its failur
 ...     def total(self, values): return sum(values)
 """
 
+from typing import TYPE_CHECKING
+
 from packmule._core.errors import (
     BackendUnavailable,
     Cancelled,
@@ -21,9 +23,10 @@ from packmule._core.errors import (
 )
 from packmule._core.types import JobRef, Progress
 from packmule._driver import dashboard as _dashboard
-from packmule._driver.runner import Runner
-from packmule._driver.watcher import Watcher as _Watcher
-from packmule.backends.base import Backend as _Backend
+
+if TYPE_CHECKING:
+    from packmule._driver.runner import Runner
+    from packmule.backends.base import Backend as _Backend
 
 __all__ = [
     "BackendUnavailable",
@@ -41,14 +44,29 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> object:
+    """``packmule.Runner``, imported when first asked for: a process that never
+    drives a run (``packmule worker``'s supervisor, ``packmule status``'s parser)
+    need not load the driver, its pickler and its backends."""
+    if name == "Runner":
+        # (here, not at the top: the driver is 60 modules, about 8 MiB and 25 ms, that `packmule worker`'s
+        # supervisor never uses; bench_memory.py measures it)
+        from packmule._driver.runner import Runner
+
+        globals()["Runner"] = Runner
+        return Runner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The one place that wires a face into the core: a driver asked to serve the
 # dashboard (PACKMULE_DASHBOARD_PORT) serves packmule.web through this hook, so
 # the driver never imports the web face.
 def _web_serve() -> _dashboard.Serve:
     import packmule.web  # (here, not at the top: the web extra is optional, and only a run that asks needs it)
+    from packmule._driver.watcher import Watcher  # (here: as above, only a run that serves a dashboard reads it)
 
     def serve(host: str, port: int, backend: _Backend) -> str:
-        return packmule.web.serve(host, port, watcher=_Watcher(backend), background=True)
+        return packmule.web.serve(host, port, watcher=Watcher(backend), background=True)
 
     return serve
 

@@ -14,20 +14,27 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from packmule._core import config as _config
 from packmule._core.errors import PackMuleError
-from packmule._driver.runner import Runner
-from packmule._model.keys import check_name, job_id, prefix
-from packmule._model.records import records
-from packmule._transport.codec import signer_for
 from packmule._worker import supervisor as _supervisor
-from packmule.backends import _choice
-from packmule.backends.base import Backend, QueueStats
+
+if TYPE_CHECKING:
+    from packmule._driver.runner import Runner
+    from packmule.backends.base import Backend, QueueStats
+
+# The commands import the driver and the backends in their functions, not here: `packmule worker` runs as the
+# supervisor of its worker processes, which only starts and watches them, and loading the driver with this
+# module cost that process about 8 MiB (benchmarks/bench_memory.py).
 
 
 def status(name: str | None) -> int:
     """Print the run ``name``'s state (if named), then each server's; 1 if the run could not be read."""
+    from packmule._driver.runner import Runner  # (here: see above)
+    from packmule._model.keys import check_name  # (here: see above)
+    from packmule.backends import _choice  # (here: see above)
+
     backend = _choice.get_backend()
     code = 0
     try:
@@ -79,6 +86,10 @@ def _when(t: float | None, now: float) -> str:
 
 
 def _run_status(runner: Runner) -> None:
+    from packmule._model.keys import job_id, prefix  # (here: see the top)
+    from packmule._model.records import records  # (here: see the top)
+    from packmule._transport.codec import signer_for  # (here: see the top)
+
     name = runner.name
     state = runner._state()
     gen = state.current_gen()
@@ -122,6 +133,9 @@ def _run_status(runner: Runner) -> None:
 
 
 def progress(name: str, watch: bool) -> int:
+    from packmule._driver.runner import Runner  # (here: see the top)
+    from packmule._model.keys import check_name  # (here: see the top)
+
     runner = Runner(check_name(name))
     if not watch:
         print(runner.update_progress())
@@ -160,6 +174,8 @@ def dashboard(host: str, port: int, token: str | None) -> int:
     except ValueError as exc:
         print(f"packmule dashboard: {exc}", file=sys.stderr)
         return 2
+    from packmule.backends import _choice  # (here: see the top)
+
     backend = os.environ.get("PACKMULE_BACKEND") or _choice.DEFAULT_BACKEND
     if backend == "local" and not os.environ.get("PACKMULE_LOCAL_ADDRESS"):
         print(f"packmule dashboard: {LOCAL_DASHBOARD}", file=sys.stderr)

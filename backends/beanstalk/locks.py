@@ -40,10 +40,9 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionLoss, KazooException, LockTimeout, NoNodeError
-from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.lock import Lock
 
@@ -52,6 +51,9 @@ from packmule._core.fork import forget_at_fork
 from ..base import ServerState
 from ._members import MemberHealth
 from ._pool import Servers
+
+if TYPE_CHECKING:
+    from kazoo.client import KazooClient
 
 log = logging.getLogger("packmule.backends.beanstalk")
 
@@ -134,6 +136,11 @@ class ZooKeeperLocks:
             self._done_with(client)
 
     def _new_session(self) -> KazooClient:
+        # (here, not at the top: kazoo's client, its handlers and recipes are about 0.7 MiB that a process which
+        # never takes a lock - most worker processes, most of the time - need not load)
+        from kazoo.client import KazooClient
+        from kazoo.handlers.threading import KazooTimeoutError
+
         client = KazooClient(
             hosts=self._hosts, timeout=self._session_timeout,
             connection_retry={"max_tries": -1, "max_delay": 1.0},

@@ -31,12 +31,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "DEFAULT_STATE_TTL", "DELAY_SCALE_VAR", "dashboard_port", "dashboard_token",
-           "delay_scale", "max_payload", "spill_above", "split_servers", "state_ttl"]
+__all__ = ["DEFAULT_MAX_PAYLOAD", "DEFAULT_STATE_TTL", "DELAY_SCALE_VAR", "POOL_VAR", "dashboard_port",
+           "dashboard_token", "delay_scale", "max_payload", "spill_above", "split_servers", "state_ttl"]
 
 DEFAULT_STATE_TTL = 7 * 24 * 3600.0  # memcached caps relative expiry at 30 days
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024  # bytes: fits a default memcached (64 MB) with room to spare
 DELAY_SCALE_VAR = "PACKMULE_DELAY_SCALE"
+POOL_VAR = "PACKMULE_WORKER_POOL"  # (not the user's: a spawner tells its worker processes how many its pool has)
 
 def state_ttl(env: Mapping[str, str] | None = None) -> float:
     env = os.environ if env is None else env

@@ -21,17 +21,19 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from packmule._core import config as _config
-from packmule._model.job import current
-from packmule.backends.base import Backend
+
+if TYPE_CHECKING:
+    from packmule.backends.base import Backend
 
 __all__ = ["Serve", "install", "serve_from_driver"]
 
 log = logging.getLogger("packmule")
 
 # serve(host, port, backend): serve the backend's dashboard in the background, return its URL
-Serve = Callable[[str, int, Backend], str]
+Serve = Callable[[str, int, "Backend"], str]
 _load: Callable[[], Serve] | None = None  # how to get ``serve`` (importing the web extra), once installed
 
 _served: dict[int, str] = {}  # pid -> the URL this process serves the dashboard at (or why not)
@@ -61,6 +63,10 @@ def install(load: Callable[[], Serve]) -> None:
 def serve_from_driver(backend: Backend) -> None:
     """Called by each outside enqueue: serve the dashboard if PACKMULE_DASHBOARD_PORT
     asks for it and this process does not serve it yet (a cheap check otherwise)."""
+    # (here, not at the top: packmule/__init__.py imports this module, and a process that never drives a run
+    # - `packmule worker`'s supervisor - need not load the job model and its pickler; the caller has)
+    from packmule._model.job import current
+
     if os.getpid() in _served or current.get() is not None:
         return
     port = _config.dashboard_port()

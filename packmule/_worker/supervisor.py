@@ -16,6 +16,7 @@ import importlib
 import logging
 import mmap
 import os
+import pickle
 import shutil
 import signal
 import struct
@@ -24,17 +25,20 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
+from collections.abc import Callable
+from typing import Any
 
-import psutil
-
+from packmule._core.config import POOL_VAR
 from packmule._core.errors import BackendUnavailable
-from packmule._model.registry import POOL_VAR
-from packmule._worker.serve import serve
-from packmule._worker.watchdog import Watchdog
-from packmule.backends import _choice
+
+# The supervisor process (``packmule worker``) only starts and watches its worker processes: what serves the
+# queue (serve, the watchdog, the backend and its client libraries) and psutil are imported where they are
+# used, in the worker process, in a fork child that checks the configuration (``checked``), or on the rare path
+# that needs psutil.  Loaded here, they cost the supervisor process about 12 MiB (benchmarks/bench_memory.py).
 
 __all__ = ["CHECK_EVERY", "DEADLINE_VAR", "MAX_BACKOFF", "RESTART_PAUSE", "STOPPED_GRACE", "DeadlineBoard",
-           "Supervisor", "add_arguments", "child_main", "setup_logging", "worker_main"]
+           "Supervisor", "add_arguments", "check", "checked", "child_main", "setup_logging", "worker_main"]
 
 log = logging.getLogger("packmule.worker")
 
@@ -56,8 +60,13 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("--import", dest="imports", action="append", default=[])
     ap.add_argument("--max-jobs", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--backend-class", default="", help="NAME=MODULE:CLASS: the class of backend NAME")
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
+    from packmule._worker.serve import serve  # (here: see the top)
+    from packmule._worker.watchdog import Watchdog  # (here: see the top)
+    from packmule.backends import _choice  # (here: see the top)
+
     for module in a.imports:
         importlib.import_module(module)
     stop = threading.Event()
@@ -67,6 +76,9 @@ def child_main(argv: list[str]) -> int:
     if deadline_file:
         Watchdog.report = DeadlineBoard(deadline_file).write
         os.unlink(deadline_file)  # (mapped here and in the parent: nothing to clean up)
+    if a.backend_class:
+        name, _, target = a.backend_class.partition("=")
+        _choice.resolved(name, target)
     backend = _choice.get_backend()
     ran, delay = 0, 0.5
     while not stop.is_set():
@@ -105,8 +117,9 @@ class DeadlineBoard:
 
 # --- the parent: a supervisor ----------------------------------------------------
 class Supervisor:
-    def __init__(self, a: argparse.Namespace) -> None:
+    def __init__(self, a: argparse.Namespace, backend_class: str = "") -> None:
         self.a = a
+        self.backend_class = backend_class  # 'name=module:Class': the entry point its workers need not read
         self.children: list[subprocess.Popen[bytes]] = []
         self.started: dict[int, float] = {}
         self.boards: dict[int, DeadlineBoard] = {}  # pid -> its deadline
@@ -119,6 +132,8 @@ class Supervisor:
                "--max-jobs", str(self.a.max_jobs_per_child or 0)]
         for module in self.a.imports:
             cmd += ["--import", module]
+        if self.backend_class:
+            cmd += ["--backend-class", self.backend_class]
         fd, path = tempfile.mkstemp(dir=self.dir)
         os.write(fd, bytes(8))
         os.close(fd)
@@ -137,6 +152,8 @@ class Supervisor:
         deadline = board.read() if board is not None else 0.0
         if not deadline or time.time() < deadline + STOPPED_GRACE:
             return
+        import psutil  # (here: see the top)
+
         try:
             stopped = psutil.Process(child.pid).status() == psutil.STATUS_STOPPED
         except psutil.NoSuchProcess:
@@ -207,6 +224,8 @@ class Supervisor:
                     time.sleep(RESTART_PAUSE)  # dying at start (bad --import?): do not spin
                 self.children[i] = self.spawn()
             elif limit:
+                import psutil  # (here: see the top)
+
                 try:
                     rss = psutil.Process(child.pid).memory_info().rss
                 except psutil.NoSuchProcess:
@@ -243,19 +262,74 @@ def worker_main(a: argparse.Namespace) -> int:
     if a.concurrency < 1:
         log.error("--concurrency must be at least 1")
         return 2
+    backend = os.environ.get("PACKMULE_BACKEND") or "local"  # (_choice.DEFAULT_BACKEND, not imported: see the top)
+    if backend == "local":  # (checked here: the local backend built here may be the coordinator its children join)
+        code, name, target = check(a)
+    else:
+        code, name, target = checked(check, a)
+    if code:
+        return code
+    log.info("serving the %s backend with %d processes", name, a.concurrency)
+    return Supervisor(a, f"{backend}={target}").run()
+
+
+def check(a: argparse.Namespace) -> tuple[int, str, str]:
+    """Whether the worker processes can start: every ``--import`` imports and the
+    backend builds.  (2, '', '') if not (and why is logged), else 0, the
+    backend's name and its class as the entry point names it."""
     for module in a.imports:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             log.error("--import %s: %s (is it on PYTHONPATH, or is the cwd right?)", module, exc)
-            return 2
+            return 2, "", ""
+    from packmule.backends import _choice  # (here: see the top)
+
     try:
         backend = _choice.get_backend()
     except (ValueError, TypeError) as exc:
         log.error("%s", exc)
-        return 2
-    log.info("serving the %s backend with %d processes", backend.name, a.concurrency)
-    return Supervisor(a).run()
+        return 2, "", ""
+    cls = _choice.backend_class(os.environ.get("PACKMULE_BACKEND") or _choice.DEFAULT_BACKEND)  # (as get_backend's)
+    return 0, backend.name, _choice.entry_point_of(cls)
+
+
+def checked(fn: Callable[[argparse.Namespace], Any], a: argparse.Namespace) -> Any:
+    """``fn(a)`` run in a fork child of this process: what it imports (the user's
+    ``--import`` modules, the backend's client libraries) stays out of the
+    supervisor, which never uses it.  Returns what ``fn`` returned, or raises
+    what it raised (its traceback in the child added as a note)."""
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, and end without running the parent's exit handlers
+        os.close(read)
+        try:
+            answer: tuple[str, Any, str] = ("value", fn(a), "")
+        except BaseException as exc:  # noqa: BLE001 (raised again in the parent)
+            answer = ("raise", exc, traceback.format_exc())
+        try:
+            data = pickle.dumps(answer)
+        except Exception:  # noqa: BLE001 (an exception that does not pickle: its text does)
+            data = pickle.dumps(("raise", RuntimeError(repr(answer[1])), answer[2]))
+        with os.fdopen(write, "wb") as f:
+            f.write(data)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError(f"the check of the configuration ended without an answer (wait status {status})")
+    kind, value, text = pickle.loads(data)
+    if kind == "raise":
+        if hasattr(value, "add_note"):
+            value.add_note(f"(raised in the supervisor's check of the configuration)\n{text}")
+        raise value
+    return value
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
