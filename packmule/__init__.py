@@ -65,7 +65,7 @@ def _web_serve() -> _dashboard.Serve:
     import packmule.web  # (here, not at the top: the web extra is optional, and only a run that asks needs it)
     from packmule._driver.watcher import Watcher  # (here: as above, only a run that serves a dashboard reads it)
 
-    def serve(host: str, port: int, backend: _Backend) -> str:
+    def serve(host: str, port: int, backend: "_Backend") -> str:  # (a name for type checkers only)
         return packmule.web.serve(host, port, watcher=Watcher(backend), background=True)
 
     return serve
