@@ -101,10 +101,13 @@ class Queue(abc.ABC):
         the same answer for the same key in every process, up or not."""
 
     @abc.abstractmethod
-    def put_many(self, jobs: Sequence[Put]) -> None:
+    def put_many(self, jobs: Sequence[Put], elsewhere: Callable[[Sequence[Put]], None] | None = None) -> None:
         """Queue every job, in order, in as few round trips as the transport allows.
         Not atomic: on error some may be queued; callers rely on idempotent jobs.
-        Raises ``ValueError`` for a body the server cannot hold (too large)."""
+        Raises ``ValueError`` for a body the server cannot hold (too large).
+        ``elsewhere`` is called with the jobs about to be queued on a server
+        other than their preferred one (``server_for``), before they are (what it
+        raises, the call raises); a queue of one server never calls it."""
 
     @abc.abstractmethod
     def reserve_many(self, max_count: int, timeout: float) -> list[Reserved]:

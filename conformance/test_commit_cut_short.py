@@ -91,8 +91,8 @@ def _failing_put(backend: packmule.backends.base.Backend, monkeypatch: pytest.Mo
     BackendUnavailable, as a server that failed after it took them would."""
     real = backend.queue.put_many
 
-    def put_then_fail(jobs):  # type: ignore[no-untyped-def]
-        real(jobs)
+    def put_then_fail(jobs, elsewhere=None):  # type: ignore[no-untyped-def]
+        real(jobs, elsewhere)
         deadline = time.monotonic() + WAIT
         while not until():  # type: ignore[operator]
             assert time.monotonic() < deadline, "the queued job did not get that far"

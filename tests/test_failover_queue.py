@@ -21,6 +21,7 @@ from conformance.runners import Gated, Worky
 from conformance.servers import Beanstalkd
 from packmule._driver import waiting
 from packmule._driver.waiting import STALLED_AFTER
+from packmule._model import census
 from packmule._worker.engine import UNREACHABLE_BURY
 
 WAIT = 60
@@ -183,6 +184,46 @@ def test_recounts_that_find_nothing_do_not_put_off_run_state_lost_for_jobs_on_a_
     # Then it gives up once the run has not moved for the grace: a recount that fixed nothing is no move
     # (it was: the grace counted from the last recount, 17 s here and 75 s with the real 30 s grace)
     assert time.monotonic() - began < waiting.OUTAGE_GRACE + 3
+
+
+def test_a_run_stranded_on_a_dead_beanstalkd_raises_run_state_lost_while_the_live_one_stays_busy(
+        cluster: Harness, tmp_path: Any, monkeypatch: Any) -> None:
+    # Given a run whose remaining jobs are on a beanstalkd killed for good, the live one's jobs done
+    # (a wait rides out 3 s of outage here)
+    monkeypatch.setattr(waiting, "OUTAGE_GRACE", 3.0)
+    runner, victim = _stranded(cluster, tmp_path)
+    _drained(cluster, runner)
+    # When the live one stays busy with other work (as a cluster does with other runs): a job delayed past the wait
+    cluster.backend.queue.put_many([Put("another-run", b"not run in this test", 60, delay=600)])
+    assert cluster.backend.queue.stats().delayed == 1
+    # Then the wait still ends, naming the dead server: the run's own keys say its remaining jobs can only be
+    # there (it was: the wait looked only at the whole queue, and went on until its timeout)
+    with pytest.raises(packmule.RunStateLost, match=f"remaining jobs are on {victim.address}"):
+        runner.wait(timeout=30)
+
+
+def _run_preferring(backend: Any, server: str, tmp_path: Any) -> Worky:
+    """A new run of 4 jobs (no worker runs them) whose shard prefers ``server``."""
+    while True:
+        runner = Worky(backend=backend)
+        if runner.enqueue_each("pid_then_sleep_item", range(4), str(tmp_path / "pids"), 0)[0].server == server:
+            return runner
+
+
+def test_jobs_queued_on_the_live_beanstalkd_in_place_of_a_dead_one_are_not_taken_for_lost(
+        idle_cluster: Harness, tmp_path: Any) -> None:
+    backend = idle_cluster.backend
+    victim, live = _servers(idle_cluster)
+    # Given a run queued on a beanstalkd that is then killed for good
+    before = _run_preferring(backend, victim.address, tmp_path)
+    victim.kill()
+    # When another run whose shard prefers the dead server is queued: on the live one
+    after = _run_preferring(backend, victim.address, tmp_path)
+    assert _ready_on(live) >= 1 and before._pm_gen and after._pm_gen  # (its 4 jobs are one bundle)
+    # Then only the first run's keys say that its remaining jobs are all on the dead server: the put on the
+    # live one marked its shard first
+    assert census.remaining_on(backend, before.name, before._pm_gen, [victim.address]) == [victim.address]
+    assert census.remaining_on(backend, after.name, after._pm_gen, [victim.address]) == []
 
 
 def test_a_run_stranded_on_a_dead_beanstalkd_raises_while_jobs_of_a_run_lost_to_a_dead_memcached_are_deferred(

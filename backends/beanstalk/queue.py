@@ -20,8 +20,7 @@ thread ended, the process died, the server died), beanstalkd makes the job
 ready again (after a restart, from its binlog) and the handle is lapsed: acting
 on it is ignored, as the interface asks.
 
-Bulk commands are pipelined on greenstalk's socket: a window of commands is
-written at once, then its answers are read (greenstalk itself waits for each).
+Bulk commands are pipelined on greenstalk's socket (``_connection.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import greenstalk
@@ -56,9 +55,7 @@ def shard_index(shard: str, names: Sequence[str]) -> int:
     rendezvous score.  Pure, and the same in every process and Python version
     (unlike ``hash()``, which is salted per process) for the same server names,
     listed in any order; a server added or removed moves only its own share."""
-    if len(names) == 1:
-        return 0
-    scores = _scores(shard, names)
+    scores = _scores(shard, names) if len(names) > 1 else [b""]
     return scores.index(max(scores))
 
 
@@ -66,9 +63,7 @@ def shard_order(shard: str, names: Sequence[str]) -> list[int]:
     """The indexes of ``names`` in a shard key's order of preference (the
     preferred server first): when one server is down, each of its keys goes to
     its own next, so its share spreads evenly over the others."""
-    if len(names) == 1:
-        return [0]
-    scores = _scores(shard, names)
+    scores = _scores(shard, names) if len(names) > 1 else [b""]
     return sorted(range(len(names)), key=scores.__getitem__, reverse=True)
 
 
@@ -186,18 +181,18 @@ class BeanstalkQueue(Wakes, Queue):
         """The shard key's preferred server (see ``shard_index``), up or not."""
         return self._names[shard_index(shard, self._ids)]
 
-    def put_many(self, jobs: Sequence[Put]) -> None:
+    def put_many(self, jobs: Sequence[Put], elsewhere: Callable[[Sequence[Put]], None] | None = None) -> None:
         """Queue every job on a live server: the first in its shard key's order
         (``shard_order``) that this process has not set aside.  A server that
         fails during the call is set aside, and the jobs meant for it go to the
-        next server in their order: the failed one may have queued some of them
-        already (they run when it is back), so a job may be queued twice, which
-        is safe, as a job's effects count once by its value keys in the store.
+        next server in their order (the failed one may have queued some: they
+        run when it is back; a job queued twice counts once by its value keys).
         Only when every server is set aside or failed in this call is each tried
         once anyway (a success brings it back); then BackendUnavailable names
         them all.  A body larger than the smallest max-job-size of the servers
         this thread reaches is refused (ValueError) before anything is queued.
-        Order is kept among the jobs that go to one server."""
+        Order is kept among the jobs that go to one server.  ``elsewhere`` is
+        told of the jobs about to go to a server not their preferred one first."""
         failed: dict[int, str] = {}
         smallest = min(self._reachable(failed, anyway=False).values(), key=lambda c: c.max_job_size, default=None)
         if smallest is not None:  # refuse before anything is queued (none reached: the puts will tell)
@@ -211,6 +206,9 @@ class BeanstalkQueue(Wakes, Queue):
                 raise self._none_reachable(failed)
             pending = []
             for index, group in groups.items():
+                off = [job for job in group if shard_index(job.shard, self._ids) != index] if elsewhere else []
+                if off and elsewhere is not None:
+                    elsewhere(off)  # (before they are queued there; what it raises, this call raises)
                 try:
                     with self._using(index) as conn:
                         (conn.put if self.pipeline else conn.put_one_by_one)(group)

@@ -279,7 +279,7 @@ class _ClientQueue(Queue):
     def server_for(self, shard: str) -> str:
         return self.server
 
-    def put_many(self, jobs: Sequence[Put]) -> None:
+    def put_many(self, jobs: Sequence[Put], elsewhere: Callable[[Sequence[Put]], None] | None = None) -> None:
         self.c._post("put_many", list(jobs))
 
     def reserve_many(self, max_count: int, timeout: float) -> list[Reserved]:

@@ -15,9 +15,10 @@ from packmule._core.types import JobRef
 from packmule._driver import dashboard as _dashboard
 from packmule._driver.run_state import RunState
 from packmule._model.keys import BLOB_FIELD, blob_key, prefix
+from packmule._model.placement import put
 from packmule._model.records import VOID
 from packmule._transport.codec import dumps, signer_for
-from packmule._transport.spill import spill_bodies, spill_values
+from packmule._transport.spill import spill_values
 from packmule._transport.wire import BUNDLE, Entries, Task, count, expand, pack, shard
 from packmule.backends import _choice
 from packmule.backends.base import Backend, Put
@@ -115,7 +116,7 @@ class Enqueuer:
             if marks:
                 backend.store.add_many(marks, state.ttl)
             for server in servers:
-                backend.queue.put_many(spill_bodies(backend, state.signer, by_server[server][0], state.ttl))
+                put(backend, state.signer, by_server[server][0], state.ttl)
                 done += 1
         except BaseException as exc:
             lost = [path for server in servers[done:] for path in by_server[server][1]]

@@ -15,6 +15,7 @@ from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable, Cancelled, NoWorkers, RunStateLost, SecretMismatch
 from packmule._core.types import JobRef, Progress
 from packmule._driver.run_state import RunState, progress_of
+from packmule._model.census import remaining_on
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
 from packmule._model.wake import wake_value
@@ -226,7 +227,8 @@ class Waiter:
         self.idle_since: float | None = None
         self.empty_since: float | None = None
         self.outage_since: float | None = None
-        self.away_since: float | None = None  # (since when the run's jobs can only be on queue servers away)
+        self.away_since: float | None = None  # (since when queue servers are away while the run is not complete)
+        self.placed_at = self.start  # (when the run's keys were last asked where its remaining jobs are)
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
         self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
@@ -326,16 +328,20 @@ class Waiter:
 
     def _check_away(self, gen: str | None, progress: Progress | None, stats: QueueStats, away: list[str],
                     now: float, status: str) -> None:
-        """Nothing of the run is queued or running on the queue servers that are
-        up, and it has not moved for OUTAGE_GRACE seconds while some are away:
-        its remaining jobs are on those.  They run once such a server is back on
-        its binlog; a server that stays away has taken them, and this wait ends."""
-        if gen is None or progress is None or progress.complete or not away or (
-                stats.ready or stats.reserved or stats.delayed):
+        """The run has not moved for OUTAGE_GRACE s while queue servers are away, and
+        nothing is queued or running on those up, or (busy with other runs) the run's
+        keys say its remaining jobs can only be on those away (``census.remaining_on``,
+        asked once per OUTAGE_GRACE).  A server that stays away took them: the wait ends."""
+        if gen is None or progress is None or progress.complete or not away:
             self.away_since = None
             return
         self.away_since = self.away_since or now
-        if now - max(self.away_since, self.moved_at) >= OUTAGE_GRACE:
+        if now - max(self.away_since, self.moved_at, self.placed_at) < OUTAGE_GRACE:
+            return
+        if stats.ready or stats.reserved or stats.delayed:
+            self.placed_at = now
+            away = remaining_on(self.runner.backend, self.runner.name, gen, away)
+        if away:
             raise RunStateLost(
                 f"run {self.runner.name!r} is at {status} and has not moved for {OUTAGE_GRACE:.0f}s: nothing of it "
                 f"is queued or running on the queue servers that are up, so its remaining jobs are on "

@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from packmule._model.job import Spec
-from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, RUN_FIELDS, recount_lock
+from packmule._model.keys import FAILED_FIELD, PATH_FIELDS, QUEUED_FIELD, RUN_FIELDS, prefix, recount_lock
+from packmule._model.placement import marker_key, put
 from packmule._transport.codec import Signer
-from packmule._transport.spill import gather, spill_bodies
-from packmule._transport.wire import Task, encode
+from packmule._transport.spill import gather
+from packmule._transport.wire import Task, encode, shard
 from packmule.backends.base import Backend, Store
 
 __all__ = ["COUNTED", "LOCK_TIMEOUT", "READ", "SETTLE", "Node", "counted", "delete", "lock_run", "positions", "read",
-           "recount", "run_keys", "walk"]
+           "recount", "remaining_on", "run_keys", "walk"]
 
 log = logging.getLogger("packmule")
 
@@ -123,6 +124,7 @@ def run_keys(store: Store, name: str, gen: str, p: str) -> list[str]:
     keys = [p + k for k in RUN_FIELDS]
     keys += [f"{p}{FAILED_FIELD}{k}" for k in range(1, failures + 1)]
     keys += [p + kind + path for path in nodes for kind in PATH_FIELDS]
+    keys += [p + QUEUED_FIELD + block for block in {shard(name, gen, path).split("/")[2] for path in nodes}]
     return keys
 
 
@@ -178,7 +180,7 @@ def recount(backend: Backend, signer: Signer, name: str, gen: str, p: str, ttl: 
              for key, (count, spec, path) in arrived.items()
              if (results.get(key) == spec.counted if key in deltas else quiet and count >= spec.counted)]
     if ready:
-        backend.queue.put_many(list(spill_bodies(backend, signer, encode(signer, ready), ttl)))
+        put(backend, signer, encode(signer, ready), ttl)
         fixes.append(f"{len(ready)} continuations queued")
     if not fixes:
         return None
@@ -239,3 +241,17 @@ def _arrived(store: Store, name: str, gen: str, p: str, records: dict[str, Any],
             if count > current:
                 deltas[key] = count - current
     return arrived
+
+
+def remaining_on(backend: Backend, name: str, gen: str, away: Sequence[str]) -> list[str]:
+    """The queue servers of ``away`` that hold every remaining job of the run
+    generation, as far as the store says (see ``_model.placement``); [] if one
+    may be on a server that is up, or no job remains to be queued."""
+    store, p = backend.store, prefix(name, gen)
+    nodes = walk(store, p, with_values=True)
+    open_ = {shard(name, gen, path) for path, node in nodes.items() if node.value is None and not node.positions}
+    markers = [key for key in map(marker_key, open_) if key is not None]
+    if not open_ or (markers and store.get_many(markers)):
+        return []
+    servers = {backend.queue.server_for(s) for s in open_}
+    return sorted(servers) if servers <= set(away) else []

@@ -32,6 +32,8 @@ Keys (``P`` = ``pm/<name>/{<gen>}/``)::
     P n:<path>           a continuation's arrived-inputs counter
     P spec:<path>        a continuation's method, inputs and links
     P try:<path>         failed attempts of a job
+    P q:<block>          a job of the shard whose first path is <block> went to a queue server
+                         not its preferred one (``_model.placement``)
     P f:<k>              path of the k-th failed job (for ``packmule status``)
     P blob:<digest>      a pickled runner, stored once per state and generation
     pm-body:{<gen>}:<digest>:<i>  chunks of a queue body too large for the queue (``_spill``)
@@ -51,8 +53,9 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
-    "BLOB_FIELD", "GLOBAL_PREFIXES", "PATH_FIELDS", "RUN_FIELDS", "blob_key", "check_gen", "check_name", "job_id",
-    "parse_job_id", "pointer", "prefix", "recount_lock", "rejected_key", "user_lock", "value_key", "value_keys",
+    "BLOB_FIELD", "GLOBAL_PREFIXES", "PATH_FIELDS", "QUEUED_FIELD", "RUN_FIELDS", "blob_key", "check_gen",
+    "check_name", "job_id", "parse_job_id", "pointer", "prefix", "recount_lock", "rejected_key", "user_lock",
+    "value_key", "value_keys",
 ]
 
 SEP = "/"  # joins a key's segments; check_name keeps it out of every name
@@ -66,6 +69,7 @@ RUN_FIELDS = ("total", "done", "failed", "seq", "root", "cancel", "t", "next", "
 COUNTERS = ("done", "total", "failed")  # (the order progress_of reads them in)
 PATH_FIELDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # + a job's path
 FAILED_FIELD = "f:"  # + the failure's number, 1, 2, ...
+QUEUED_FIELD = "q:"  # + the block of a shard key (``_transport.wire.shard``): its jobs may be on any queue server
 BLOB_FIELD = "blob:"  # + a runner's digest
 GLOBAL_PREFIXES = ("pm-body:", "pm-rejected:", "pm-reg:", "pm-stats:")
 

@@ -19,13 +19,14 @@ from typing import Any
 
 from packmule._core.errors import BackendUnavailable
 from packmule._core.tracebacks import describe
+from packmule._model import placement as _placement
 from packmule._model.job import FAULTS, fault
 from packmule._model.keys import blob_key, job_id
 from packmule._model.records import GONE
 from packmule._model.registry import STATS
 from packmule._model.wake import wake_crossed
 from packmule._transport.codec import Signer, dumps
-from packmule._transport.spill import gather, spill_bodies, spill_values
+from packmule._transport.spill import gather, spill_values
 from packmule._transport.wire import Task, encode
 from packmule._worker import recovery as _recovery
 from packmule._worker.outcomes import Counts, Outcome, log_outcomes, packmule_failure
@@ -388,7 +389,7 @@ class Committer:
             acks.append(handle)
         puts = encode(self.signer, later) + delayed
         if puts:
-            self.queue.put_many(spill_bodies(self.backend, self.signer, puts, self.ttl))
+            _placement.put(self.backend, self.signer, puts, self.ttl)
         for handle, delay in releases:
             self.queue.release(handle, delay)
         for handle in buries:
