@@ -35,6 +35,7 @@ RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before 
 READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 ARM_AFTER = 0.004  # s a wait polls before it arms a wake and blocks until a worker wakes it
 LOOK_EVERY = 0.25  # s: a wait that blocks still looks this often (a wake lost, another waiter's arm won)
+ARM_SETTLE, SETTLE_POLL = 0.015, 0.003  # s after arming a wait still polls, and how often (3x wake.REREAD_AFTER)
 MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
 
 
@@ -231,6 +232,7 @@ class Waiter:
         self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
         self.armed: tuple[str, int, str] | None = None  # (generation, done count, channel) armed in the wake key
+        self.armed_at = 0.0  # (monotonic) when it was armed
 
     def progressed(self) -> None:
         self.delay = POLL_MIN
@@ -289,8 +291,12 @@ class Waiter:
             if listener is None:
                 return False
             if self.armed != (gen, until_done, listener.channel):
-                self.armed = (gen, until_done, listener.channel)
+                self.armed, self.armed_at = (gen, until_done, listener.channel), now
                 self._arm(prefix(self.runner.name, gen) + "wake", listener.channel, until_done)
+                return True
+            if now - self.armed_at < ARM_SETTLE:
+                # (a batch that read the key before it was armed, too short to read it again, wakes nobody)
+                time.sleep(SETTLE_POLL)
                 return True
             left = LOOK_EVERY if self.timeout is None else min(LOOK_EVERY, self.start + self.timeout - now)
             listener.wait(max(0.0, left))
