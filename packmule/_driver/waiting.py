@@ -185,19 +185,19 @@ class ValueReader:
         assert self.ahead is not None
         window, answer = self.ahead
         raw = answer()
-        done = raw.pop(self.counters[0], None) if self.counters else None
-        self.done = None if done is None else int(done)
+        self.done = int(raw.pop(self.counters[0])) if self.counters and self.counters[0] in raw else None
         got = gather(state.store, state.signer, raw)
         self.ahead = None
-        if len(got) == len(window) and self._worth_asking():
-            self._ask()  # every value asked for was there: more may be, ask for them now
+        full = len(got) == len(window)  # every value asked for was there: more may be, ask for them now
+        if full and self._worth_asking():  # (or, if too few jobs were done since, look again at once, gated)
+            self._ask()
         for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
             self.recs[key] = rec
             if rec[0] == "ref":
                 self.refs_to_follow[key] = rec[1]
         while self.pos < len(keys) and keys[self.pos] in self.recs:
             self.pos += 1
-        if self.ahead is None and self.pos < len(keys):
+        if self.ahead is None and self.pos < len(keys) and not full:
             # (with the counters read beside the values: block until the next job is done)
             waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done",
                          until_done=None if self.done is None else self.done + 1)
