@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable, Cancelled, NoWorkers, RunStateLost, SecretMismatch
 from packmule._core.types import JobRef, Progress
-from packmule._driver.run_state import RunState, progress_of
+from packmule._driver.run_state import RunState
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
 from packmule._model.wake import wake_value
@@ -67,7 +67,6 @@ class Waits:
         def _state(self) -> RunState: ...
         def _recount(self, gen: str, quiet: bool = False) -> str | None: ...
 
-
     def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
         """Block until every ref has a value; the values in order, or the first
         failure.  An unreachable store is ridden out as ``wait()`` does."""
@@ -104,7 +103,7 @@ class Waits:
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
         if gen is not None:
-            self._wait_counted(state, gen, len(reader.keys), waiter, reader.counts)
+            self._wait_counted(state, gen, len(reader.keys), waiter, reader.done)
         values = []
         for ref_id, key in zip(ids, ref_keys, strict=True):
             rec = recs[key]
@@ -115,15 +114,15 @@ class Waits:
         return values
 
     @staticmethod
-    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: Waiter, first: Progress | None) -> None:
+    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: Waiter, first: int | None) -> None:
         """A job's value is stored a moment before its worker counts it done (the
         add decides which execution completes it, then the count follows).  With
         every value in hand, wait for the counts too, so that the progress read
         after a blocking deferred_result includes its jobs: ``done`` reaches
         their number, or the run is complete.  (A worker that died in between
-        is a stall that the waiter recounts.)  ``first``: the counts read with the
-        last values, if any; usually they already say so."""
-        if first is not None and (first.done >= jobs or first.complete):
+        is a stall that the waiter recounts.)  ``first``: the ``done`` count read
+        with the last values, if any; it usually says so already."""
+        if first is not None and first >= jobs:
             return
         looks = 0
         while True:
@@ -139,7 +138,6 @@ class Waits:
                 waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far", until_done=jobs)
 
 
-
 class ValueReader:
     """How a blocking deferred_result reads its values.  They are read a window of
     READ_CHUNK keys at a time, from the first one missing on.  While windows come
@@ -147,7 +145,10 @@ class ValueReader:
     before it checks the values of this one, so that the store fetches while it
     checks.  With a counter to gate on (inputs of this run), values are read only
     when enough jobs finished since the last look: three counters are cheaper
-    than a thousand values."""
+    than a thousand values.  The run's ``done`` count is read with each window
+    (after its values), and the next window is asked for ahead only when the
+    jobs counted done since could fill it: a value is read once, not again and
+    again while its job runs."""
 
     def __init__(self, state: RunState, keys: list[str], gen: str | None, waiter: Waiter) -> None:
         self.state, self.keys, self.gen, self.waiter = state, keys, gen, waiter
@@ -156,9 +157,9 @@ class ValueReader:
         self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
         self.seen_done = self.last_done = -1
         self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
-        # the run's counters, read with the last window of values (after them): no extra trip to check them
-        self.counters = [] if gen is None else state.counter_keys(gen)
-        self.counts: Progress | None = None
+        # the run's done counter, read with each window of values (after them): no extra trip to check it
+        self.counters = [] if gen is None else state.counter_keys(gen)[:1]
+        self.done: int | None = None
 
     def finished(self) -> bool:
         return self.pos >= len(self.keys)
@@ -185,32 +186,37 @@ class ValueReader:
         assert self.ahead is not None
         window, answer = self.ahead
         raw = answer()
-        if self.counters and self.counters[0] in raw:  # (asked for with the last window)
-            self.counts = progress_of(self.counters, raw)
-            for k in self.counters:
-                raw.pop(k, None)
+        self.done = int(raw.pop(self.counters[0])) if self.counters and self.counters[0] in raw else None
         got = gather(state.store, state.signer, raw)
         self.ahead = None
-        if len(got) == len(window) and self.cursor < len(keys):
-            self._ask()  # every value asked for was there: more may be, ask for them now
+        full = len(got) == len(window)  # every value asked for was there: more may be, ask for them now
+        if full and self._worth_asking():  # (or, if too few jobs were done since, look again at once, gated)
+            self._ask()
         for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
             self.recs[key] = rec
             if rec[0] == "ref":
                 self.refs_to_follow[key] = rec[1]
         while self.pos < len(keys) and keys[self.pos] in self.recs:
             self.pos += 1
-        if self.ahead is None and self.pos < len(keys):
+        if self.ahead is None and self.pos < len(keys) and not full:
             # (with the counters read beside the values: block until the next job is done)
             waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done",
-                         until_done=None if self.counts is None else self.counts.done + 1)
+                         until_done=None if self.done is None else self.done + 1)
         else:
             waiter.progressed()
 
+    def _worth_asking(self) -> bool:
+        """Whether to ask for the next window now: there is one, and jobs done since the last could fill it."""
+        ahead = min(len(self.keys) - self.cursor, READ_CHUNK)
+        if ahead <= 0 or self.done is not None and self.done - self.seen_done < ahead:
+            return False
+        self.seen_done = self.seen_done if self.done is None else self.done
+        return True
+
     def _ask(self) -> None:
-        """Start reading the values of the next window not read yet."""
+        """Start reading the values of the next window not read yet, and the run's done count."""
         window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
-        last = self.cursor + READ_CHUNK >= len(self.keys)
-        self.ahead = window, self.state.store.get_many_soon(window + self.counters if last else window)
+        self.ahead = window, self.state.store.get_many_soon(window + self.counters)
         self.cursor += READ_CHUNK
 
 
