@@ -17,7 +17,7 @@ from packmule._core.types import JobRef, Progress
 from packmule._driver.run_state import RunState
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
-from packmule._model.wake import wake_value
+from packmule._model.wake import arm
 from packmule._transport.spill import gather
 from packmule.backends.base import Backend, QueueStats
 
@@ -36,7 +36,6 @@ READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once tha
 ARM_AFTER = 0.004  # s a wait polls before it arms a wake and blocks until a worker wakes it
 LOOK_EVERY = 0.25  # s: a wait that blocks still looks this often (a wake lost, another waiter's arm won)
 ARM_SETTLE, SETTLE_POLL = 0.015, 0.003  # s after arming a wait still polls, and how often (3x wake.REREAD_AFTER)
-MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
 
 
 class Waited(Protocol):
@@ -298,7 +297,8 @@ class Waiter:
                 return False
             if self.armed != (gen, until_done, listener.channel):
                 self.armed, self.armed_at = (gen, until_done, listener.channel), now
-                self._arm(prefix(self.runner.name, gen) + "wake", listener.channel, until_done)
+                arm(self.runner.backend.store, prefix(self.runner.name, gen) + "wake", listener.channel, until_done,
+                    _config.state_ttl())
                 return True
             if now - self.armed_at < ARM_SETTLE:
                 # (a batch that read the key before it was armed, too short to read it again, wakes nobody)
@@ -309,16 +309,6 @@ class Waiter:
         except BackendUnavailable:  # (no wake now: poll; the checks say if the run's server is gone)
             return False
         return True
-
-    def _arm(self, key: str, channel: str, until_done: int) -> None:
-        """Put this wait's channel and count in the wake key, beside those of up to
-        MAX_WAKERS - 1 other drivers (a read and a write: two drivers arming at
-        once may drop one, which then only looks every LOOK_EVERY)."""
-        store = self.runner.backend.store
-        raw = store.get_many([key]).get(key) or b""
-        others = [line for line in raw.split(b"\n") if line and not line.startswith(channel.encode() + b" ")]
-        lines = [*others[-(MAX_WAKERS - 1):], wake_value(channel, until_done)]
-        store.set_many({key: b"\n".join(lines)}, _config.state_ttl())
 
     def _recount(self, gen: str, quiet: bool) -> bool:
         """Recount the run (``Runner._recount``); whether it fixed anything.  The
