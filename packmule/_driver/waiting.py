@@ -1,27 +1,27 @@
 """Blocking waits: the pacing of a wait (``Waiter``: backoff, timeout, cancel and
 lost-state checks, no-worker detection, riding out an unreachable server, the
-recount of a stalled run), how a blocking ``deferred_result`` reads its values
-(``ValueReader``), and ``Runner``'s waits for values and their counts (``Waits``,
+recount of a stalled run), and ``Runner``'s waits for values and their counts (``Waits``,
 a mixin of ``Runner``)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable, Cancelled, NoWorkers, RunStateLost, SecretMismatch
 from packmule._core.types import JobRef, Progress
+from packmule._driver.reading import ValueReader
 from packmule._driver.run_state import RunState
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
 from packmule._model.wake import arm
-from packmule._transport.spill import gather
 from packmule.backends.base import Backend, QueueStats
 
-__all__ = ["ValueReader", "Waited", "Waiter", "Waits"]
+__all__ = ["Waited", "Waiter", "Waits"]
 
 log = logging.getLogger("packmule")
 
@@ -32,7 +32,6 @@ OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
 RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
-READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 ARM_AFTER = 0.004  # s a wait polls before it arms a wake and blocks until a worker wakes it
 LOOK_EVERY = 0.25  # s: a wait that blocks still looks this often (a wake lost, another waiter's arm won)
 ARM_SETTLE, SETTLE_POLL = 0.015, 0.003  # s after arming a wait still polls, and how often (3x wake.REREAD_AFTER)
@@ -137,88 +136,6 @@ class Waits:
                 waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far", until_done=jobs)
 
 
-class ValueReader:
-    """How a blocking deferred_result reads its values.  They are read a window of
-    READ_CHUNK keys at a time, from the first one missing on.  While windows come
-    back full, the reader is behind the workers: it asks for the next window
-    before it checks the values of this one, so that the store fetches while it
-    checks.  With a counter to gate on (inputs of this run), values are read only
-    when enough jobs finished since the last look: three counters are cheaper
-    than a thousand values.  The run's ``done`` count is read with each window
-    (after its values), and the next window is asked for ahead only when the
-    jobs counted done since could fill it: a value is read once, not again and
-    again while its job runs."""
-
-    def __init__(self, state: RunState, keys: list[str], gen: str | None, waiter: Waiter) -> None:
-        self.state, self.keys, self.gen, self.waiter = state, keys, gen, waiter
-        self.recs: dict[str, tuple[Any, ...]] = {}
-        self.refs_to_follow: dict[str, str] = {}  # value key -> the job id its value refers to
-        self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
-        self.seen_done = self.last_done = -1
-        self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
-        # the run's done counter, read with each window of values (after them): no extra trip to check it
-        self.counters = [] if gen is None else state.counter_keys(gen)[:1]
-        self.done: int | None = None
-
-    def finished(self) -> bool:
-        return self.pos >= len(self.keys)
-
-    def step(self) -> None:
-        keys, waiter, state = self.keys, self.waiter, self.state
-        left = len(keys) - self.pos
-        if self.ahead is None:
-            if self.gen is not None and left > 100:
-                now = state.progress(self.gen)
-                assert now is not None
-                if now.done != self.last_done:
-                    # jobs are finishing: keep looking often, so that the values are
-                    # read while workers run and the last ones soon after they exist
-                    self.last_done = now.done
-                    waiter.progressed()
-                if now.done - self.seen_done < min(left, READ_CHUNK) and not now.complete:
-                    waiter.pause(f"{left} of {len(keys)} jobs not done",
-                                 until_done=min(self.seen_done + min(left, READ_CHUNK), now.total))
-                    return
-                self.seen_done = now.done
-            self.cursor = self.pos
-            self._ask()
-        assert self.ahead is not None
-        window, answer = self.ahead
-        raw = answer()
-        self.done = int(raw.pop(self.counters[0])) if self.counters and self.counters[0] in raw else None
-        got = gather(state.store, state.signer, raw)
-        self.ahead = None
-        full = len(got) == len(window)  # every value asked for was there: more may be, ask for them now
-        if full and self._worth_asking():  # (or, if too few jobs were done since, look again at once, gated)
-            self._ask()
-        for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
-            self.recs[key] = rec
-            if rec[0] == "ref":
-                self.refs_to_follow[key] = rec[1]
-        while self.pos < len(keys) and keys[self.pos] in self.recs:
-            self.pos += 1
-        if self.ahead is None and self.pos < len(keys) and not full:
-            # (with the counters read beside the values: block until the next job is done)
-            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done",
-                         until_done=None if self.done is None else self.done + 1)
-        else:
-            waiter.progressed()
-
-    def _worth_asking(self) -> bool:
-        """Whether to ask for the next window now: there is one, and jobs done since the last could fill it."""
-        ahead = min(len(self.keys) - self.cursor, READ_CHUNK)
-        if ahead <= 0 or self.done is not None and self.done - self.seen_done < ahead:
-            return False
-        self.seen_done = self.seen_done if self.done is None else self.done
-        return True
-
-    def _ask(self) -> None:
-        """Start reading the values of the next window not read yet, and the run's done count."""
-        window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
-        self.ahead = window, self.state.store.get_many_soon(window + self.counters)
-        self.cursor += READ_CHUNK
-
-
 class Waiter:
     """The pacing of a blocking wait: backoff, timeout, cancel/lost checks, no-worker
     detection, and a log line now and then saying what it waits for."""
@@ -235,6 +152,7 @@ class Waiter:
         self.away_since: float | None = None  # (since when the run's jobs can only be on queue servers away)
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
         self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
+        self.recounting: threading.Thread | None = None  # (a recount while jobs run: in a thread of its own)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
         self.armed: tuple[str, int, str] | None = None  # (generation, done count, channel) armed in the wake key
         self.armed_at = 0.0  # (monotonic) when it was armed
@@ -312,7 +230,21 @@ class Waiter:
 
     def _recount(self, gen: str, quiet: bool) -> bool:
         """Recount the run (``Runner._recount``); whether it fixed anything.  The
-        next recount without progress waits twice as long."""
+        next recount without progress waits twice as long.  A recount while jobs
+        are queued or running runs in a thread of its own (it settles for seconds,
+        and the wait must still see the run end at once): False here, and what it
+        fixes shows as progress."""
+        if not quiet:
+            if self.recounting is None or not self.recounting.is_alive():
+                self.recounting = threading.Thread(target=self._recount_now, args=(gen, False), daemon=True,
+                                                   name="packmule-recount")
+                self.recounting.start()
+            self.recount_after = min(self.recount_after * 2, RECOUNT_AFTER_MAX)
+            self.recounted_at = time.monotonic()
+            return False
+        return self._recount_now(gen, True)
+
+    def _recount_now(self, gen: str, quiet: bool) -> bool:
         try:
             fixed = self.runner._recount(gen, quiet) is not None
         except (TimeoutError, BackendUnavailable) as exc:  # the lock: another process recounts, or is gone
