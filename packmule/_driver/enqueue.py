@@ -1,6 +1,6 @@
 """Queueing jobs from outside any job (a mixin of ``Runner``): store the runner's
 blob once, take the jobs' paths from the run's ``seq`` counter and count them in
-``total`` in one bulk ``incr``, put the bundles server by server, and take back
+``total`` in one bulk ``incr`` (or make the run's generation with them), put the bundles server by server, and take back
 the count of what could not be put; and, first, refuse arguments or a runner
 too large for packmule to carry.  (Inside a job, ``Runner._enqueue`` buffers the
 jobs in the job's context instead: they are committed when it returns.)"""
@@ -54,8 +54,10 @@ class Enqueuer:
         backend.ensure_workers()
         _dashboard.serve_from_driver(backend)  # PACKMULE_DASHBOARD_PORT
         state = self._state()
-        blob_field = {BLOB_FIELD + digest: runner_blob}
-        gen = self._pm_gen or state.start_or_join(blob_field)  # (a fresh generation gets the blob at once)
+        # a bundle must be one block of paths (one server): a bulk call takes a
+        # range wide enough to start at a multiple of BUNDLE; the gap is unused
+        span = 1 if jobs == 1 else jobs + BUNDLE - 1
+        gen = self._pm_gen or state.start_or_join(first_fields(digest, runner_blob, jobs, span))
         p = prefix(self.name, gen)
         stored = (id(backend.store), gen, digest)
         if not state.created and stored not in _stored_blobs:
@@ -64,15 +66,7 @@ class Enqueuer:
         if len(_stored_blobs) >= 4096:
             _stored_blobs.clear()  # (forgetting costs one add the next time)
         _stored_blobs.add(stored)
-        # a bundle must be one block of paths (one server): a bulk call takes a
-        # range wide enough to start at a multiple of BUNDLE; the gap is unused
-        span = 1 if jobs == 1 else jobs + BUNDLE - 1
-        counters = backend.store.incr_many({p + "seq": span, p + "total": jobs})
-        last = counters.get(p + "seq")
-        if last is None or counters.get(p + "total") is None:
-            self._pm_gen = None
-            raise RunStateLost(f"run {self.name!r}: its state vanished from the store while jobs were "
-                               "being queued (store restarted or run forgotten); nothing was queued")
+        last = span if state.created else self._take_paths(backend, p, span, jobs)
         self._pm_gen = gen
         _choice.note_run(self.name, gen)  # (packmule.testing's join watches the runs a test queued)
         first_free = last - span
@@ -85,11 +79,7 @@ class Enqueuer:
             puts, paths = by_server.setdefault(backend.queue.server_for(shard(self.name, gen, str(start))), ([], []))
             puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
             paths += map(str, range(start, start + size))
-        marks = {p + "root": b"0"} if first_free == 0 else {}  # the generation's first outside enqueue: its root
-        # the paths of the range left unused, before and after, so that a recount knows they held no job
-        for start, end in ((first_free, base), (base + jobs, last)):
-            if end > start:
-                marks[p + "gap:" + str(start)] = str(end - start).encode()
+        marks = {} if state.created else {p + field: value for field, value in marks_of(first_free, base, jobs, last)}
         self._put(backend, state, p, marks, by_server)
         head = f"{self.name}/{gen}/"
         refs = []
@@ -98,6 +88,17 @@ class Enqueuer:
             server = backend.queue.server_for(shard(self.name, gen, str(start)))
             refs += [JobRef.fast(head + str(start + j), server) for j in range(size)]
         return refs
+
+    def _take_paths(self, backend: Backend, p: str, span: int, jobs: int) -> int:
+        """Count ``jobs`` in the run's ``total`` and take ``span`` paths from its
+        ``seq``, in one bulk incr; the last path taken, plus one."""
+        counters = backend.store.incr_many({p + "seq": span, p + "total": jobs})
+        last = counters.get(p + "seq")
+        if last is None or counters.get(p + "total") is None:
+            self._pm_gen = None
+            raise RunStateLost(f"run {self.name!r}: its state vanished from the store while jobs were "
+                               "being queued (store restarted or run forgotten); nothing was queued")
+        return last
 
     def _put(self, backend: Backend, state: RunState, p: str, marks: dict[str, bytes],
              by_server: dict[str, tuple[list[Put], list[str]]]) -> None:
@@ -161,3 +162,21 @@ class Enqueuer:
             for args, kwargs, _ in expand(chunk):
                 self._serialize(f"the arguments of {method}{args!r}"[:300], (args, kwargs))
             raise
+
+
+def marks_of(first_free: int, base: int, jobs: int, last: int) -> list[tuple[str, bytes]]:
+    """The fields an outside enqueue of the paths ``first_free`` to ``last`` marks:
+    the generation's root if it is its first, and the paths of the range left
+    unused, before and after the jobs, so that a recount knows they held no job."""
+    marks = [("root", b"0")] if first_free == 0 else []
+    for start, end in ((first_free, base), (base + jobs, last)):
+        if end > start:
+            marks.append(("gap:" + str(start), str(end - start).encode()))
+    return marks
+
+
+def first_fields(digest: str, runner_blob: bytes, jobs: int, span: int) -> dict[str, bytes | int]:
+    """What a generation that an outside enqueue makes is made with: the runner's
+    blob, and that enqueue's counts and marks (its paths start at 0), so that it
+    is counted from its first moment, and needs no incr or add after it."""
+    return {BLOB_FIELD + digest: runner_blob, "seq": span, "total": jobs, **dict(marks_of(0, 0, jobs, span))}

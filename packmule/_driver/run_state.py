@@ -43,11 +43,12 @@ class RunState:
     def current_gen(self) -> str | None:
         return current_gen(self.backend, self.name)
 
-    def start_or_join(self, fields: Mapping[str, bytes] | None = None) -> str:
+    def start_or_join(self, fields: Mapping[str, bytes | int] | None = None) -> str:
         """The generation an outside enqueue adds to: the current one if it is
         still running, else a fresh one (the first caller's, among racers).
         ``fields`` (prefix-relative) are written with a fresh generation's
-        counters; ``created`` says afterwards whether this call made it."""
+        counters, and may set their first values (an outside enqueue's counts);
+        ``created`` says afterwards whether this call made it."""
         self.created = False
         registers = self.backend.registers
         for _ in range(5):
@@ -85,7 +86,7 @@ class RunState:
         won: bytes | None = self.store.get_many([successor]).get(successor)
         return won.decode() if won is not None else None
 
-    def _create_gen(self, fields: Mapping[str, bytes] | None = None) -> str:
+    def _create_gen(self, fields: Mapping[str, bytes | int] | None = None) -> str:
         """A new generation whose keys live on a store server this process sees
         up (should that server fail now, it is set aside and another is drawn)."""
         for _ in range(3):

@@ -1,28 +1,28 @@
 """Blocking waits: the pacing of a wait (``Waiter``: backoff, timeout, cancel and
 lost-state checks, no-worker detection, riding out an unreachable server, the
-recount of a stalled run), how a blocking ``deferred_result`` reads its values
-(``ValueReader``), and ``Runner``'s waits for values and their counts (``Waits``,
+recount of a stalled run), and ``Runner``'s waits for values and their counts (``Waits``,
 a mixin of ``Runner``)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable, Cancelled, NoWorkers, RunStateLost, SecretMismatch
 from packmule._core.types import JobRef, Progress
-from packmule._driver.run_state import RunState, progress_of
+from packmule._driver.reading import ValueReader
+from packmule._driver.run_state import RunState
 from packmule._model.census import remaining_on
 from packmule._model.keys import prefix, value_keys
 from packmule._model.records import GONE, records, unwrap
-from packmule._model.wake import wake_value
-from packmule._transport.spill import gather
+from packmule._model.wake import arm
 from packmule.backends.base import Backend, QueueStats
 
-__all__ = ["ValueReader", "Waited", "Waiter", "Waits"]
+__all__ = ["Waited", "Waiter", "Waits"]
 
 log = logging.getLogger("packmule")
 
@@ -33,10 +33,9 @@ OUTAGE_GRACE = 30.0  # s a wait rides out an unreachable server before it raises
 STALLED_AFTER = 3.0  # s with an empty queue and an incomplete run before a wait gives up
 REJECTED_BEFORE = 60.0  # s: a refusal this long before a wait began still concerns it (clocks differ)
 RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before it recounts again
-READ_CHUNK = 1000  # values a blocking deferred_result reads at a time, once that many jobs are done
 ARM_AFTER = 0.004  # s a wait polls before it arms a wake and blocks until a worker wakes it
 LOOK_EVERY = 0.25  # s: a wait that blocks still looks this often (a wake lost, another waiter's arm won)
-MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
+ARM_SETTLE, SETTLE_POLL = 0.015, 0.003  # s after arming a wait still polls, and how often (3x wake.REREAD_AFTER)
 
 
 class Waited(Protocol):
@@ -66,7 +65,6 @@ class Waits:
         def _gen(self) -> str | None: ...
         def _state(self) -> RunState: ...
         def _recount(self, gen: str, quiet: bool = False) -> str | None: ...
-
 
     def _wait_values(self, refs: Sequence[JobRef]) -> list[Any]:
         """Block until every ref has a value; the values in order, or the first
@@ -104,7 +102,7 @@ class Waits:
             if missing:
                 waiter.pause(f"{len(missing)} followed JobRefs not done")
         if gen is not None:
-            self._wait_counted(state, gen, len(reader.keys), waiter, reader.counts)
+            self._wait_counted(state, gen, len(reader.keys), waiter, reader.done)
         values = []
         for ref_id, key in zip(ids, ref_keys, strict=True):
             rec = recs[key]
@@ -115,15 +113,15 @@ class Waits:
         return values
 
     @staticmethod
-    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: Waiter, first: Progress | None) -> None:
+    def _wait_counted(state: RunState, gen: str, jobs: int, waiter: Waiter, first: int | None) -> None:
         """A job's value is stored a moment before its worker counts it done (the
         add decides which execution completes it, then the count follows).  With
         every value in hand, wait for the counts too, so that the progress read
         after a blocking deferred_result includes its jobs: ``done`` reaches
         their number, or the run is complete.  (A worker that died in between
-        is a stall that the waiter recounts.)  ``first``: the counts read with the
-        last values, if any; usually they already say so."""
-        if first is not None and (first.done >= jobs or first.complete):
+        is a stall that the waiter recounts.)  ``first``: the ``done`` count read
+        with the last values, if any; it usually says so already."""
+        if first is not None and first >= jobs:
             return
         looks = 0
         while True:
@@ -137,81 +135,6 @@ class Waits:
             looks += 1
             if looks > 2:  # (the count is usually one store call behind its value: look again at once, twice)
                 waiter.pause(f"{jobs} values in hand, {now.done} jobs counted done so far", until_done=jobs)
-
-
-
-class ValueReader:
-    """How a blocking deferred_result reads its values.  They are read a window of
-    READ_CHUNK keys at a time, from the first one missing on.  While windows come
-    back full, the reader is behind the workers: it asks for the next window
-    before it checks the values of this one, so that the store fetches while it
-    checks.  With a counter to gate on (inputs of this run), values are read only
-    when enough jobs finished since the last look: three counters are cheaper
-    than a thousand values."""
-
-    def __init__(self, state: RunState, keys: list[str], gen: str | None, waiter: Waiter) -> None:
-        self.state, self.keys, self.gen, self.waiter = state, keys, gen, waiter
-        self.recs: dict[str, tuple[Any, ...]] = {}
-        self.refs_to_follow: dict[str, str] = {}  # value key -> the job id its value refers to
-        self.pos = self.cursor = 0  # keys[:pos] are read; this sweep asked for keys[pos:cursor]
-        self.seen_done = self.last_done = -1
-        self.ahead: tuple[list[str], Callable[[], dict[str, bytes]]] | None = None  # a window asked for
-        # the run's counters, read with the last window of values (after them): no extra trip to check them
-        self.counters = [] if gen is None else state.counter_keys(gen)
-        self.counts: Progress | None = None
-
-    def finished(self) -> bool:
-        return self.pos >= len(self.keys)
-
-    def step(self) -> None:
-        keys, waiter, state = self.keys, self.waiter, self.state
-        left = len(keys) - self.pos
-        if self.ahead is None:
-            if self.gen is not None and left > 100:
-                now = state.progress(self.gen)
-                assert now is not None
-                if now.done != self.last_done:
-                    # jobs are finishing: keep looking often, so that the values are
-                    # read while workers run and the last ones soon after they exist
-                    self.last_done = now.done
-                    waiter.progressed()
-                if now.done - self.seen_done < min(left, READ_CHUNK) and not now.complete:
-                    waiter.pause(f"{left} of {len(keys)} jobs not done",
-                                 until_done=min(self.seen_done + min(left, READ_CHUNK), now.total))
-                    return
-                self.seen_done = now.done
-            self.cursor = self.pos
-            self._ask()
-        assert self.ahead is not None
-        window, answer = self.ahead
-        raw = answer()
-        if self.counters and self.counters[0] in raw:  # (asked for with the last window)
-            self.counts = progress_of(self.counters, raw)
-            for k in self.counters:
-                raw.pop(k, None)
-        got = gather(state.store, state.signer, raw)
-        self.ahead = None
-        if len(got) == len(window) and self.cursor < len(keys):
-            self._ask()  # every value asked for was there: more may be, ask for them now
-        for key, rec in zip(got, state.signer.loads_many(got.values()), strict=True):
-            self.recs[key] = rec
-            if rec[0] == "ref":
-                self.refs_to_follow[key] = rec[1]
-        while self.pos < len(keys) and keys[self.pos] in self.recs:
-            self.pos += 1
-        if self.ahead is None and self.pos < len(keys):
-            # (with the counters read beside the values: block until the next job is done)
-            waiter.pause(f"{len(keys) - self.pos} of {len(keys)} jobs not done",
-                         until_done=None if self.counts is None else self.counts.done + 1)
-        else:
-            waiter.progressed()
-
-    def _ask(self) -> None:
-        """Start reading the values of the next window not read yet."""
-        window = [k for k in self.keys[self.cursor:self.cursor + READ_CHUNK] if k not in self.recs]
-        last = self.cursor + READ_CHUNK >= len(self.keys)
-        self.ahead = window, self.state.store.get_many_soon(window + self.counters if last else window)
-        self.cursor += READ_CHUNK
 
 
 class Waiter:
@@ -231,8 +154,10 @@ class Waiter:
         self.placed_at = self.start  # (when the run's keys were last asked where its remaining jobs are)
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
         self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
+        self.recounting: threading.Thread | None = None  # (a recount while jobs run: in a thread of its own)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
         self.armed: tuple[str, int, str] | None = None  # (generation, done count, channel) armed in the wake key
+        self.armed_at = 0.0  # (monotonic) when it was armed
 
     def progressed(self) -> None:
         self.delay = POLL_MIN
@@ -291,8 +216,13 @@ class Waiter:
             if listener is None:
                 return False
             if self.armed != (gen, until_done, listener.channel):
-                self.armed = (gen, until_done, listener.channel)
-                self._arm(prefix(self.runner.name, gen) + "wake", listener.channel, until_done)
+                self.armed, self.armed_at = (gen, until_done, listener.channel), now
+                arm(self.runner.backend.store, prefix(self.runner.name, gen) + "wake", listener.channel, until_done,
+                    _config.state_ttl())
+                return True
+            if now - self.armed_at < ARM_SETTLE:
+                # (a batch that read the key before it was armed, too short to read it again, wakes nobody)
+                time.sleep(SETTLE_POLL)
                 return True
             left = LOOK_EVERY if self.timeout is None else min(LOOK_EVERY, self.start + self.timeout - now)
             listener.wait(max(0.0, left))
@@ -300,19 +230,23 @@ class Waiter:
             return False
         return True
 
-    def _arm(self, key: str, channel: str, until_done: int) -> None:
-        """Put this wait's channel and count in the wake key, beside those of up to
-        MAX_WAKERS - 1 other drivers (a read and a write: two drivers arming at
-        once may drop one, which then only looks every LOOK_EVERY)."""
-        store = self.runner.backend.store
-        raw = store.get_many([key]).get(key) or b""
-        others = [line for line in raw.split(b"\n") if line and not line.startswith(channel.encode() + b" ")]
-        lines = [*others[-(MAX_WAKERS - 1):], wake_value(channel, until_done)]
-        store.set_many({key: b"\n".join(lines)}, _config.state_ttl())
-
     def _recount(self, gen: str, quiet: bool) -> bool:
         """Recount the run (``Runner._recount``); whether it fixed anything.  The
-        next recount without progress waits twice as long."""
+        next recount without progress waits twice as long.  A recount while jobs
+        are queued or running runs in a thread of its own (it settles for seconds,
+        and the wait must still see the run end at once): False here, and what it
+        fixes shows as progress."""
+        if not quiet:
+            if self.recounting is None or not self.recounting.is_alive():
+                self.recounting = threading.Thread(target=self._recount_now, args=(gen, False), daemon=True,
+                                                   name="packmule-recount")
+                self.recounting.start()
+            self.recount_after = min(self.recount_after * 2, RECOUNT_AFTER_MAX)
+            self.recounted_at = time.monotonic()
+            return False
+        return self._recount_now(gen, True)
+
+    def _recount_now(self, gen: str, quiet: bool) -> bool:
         try:
             fixed = self.runner._recount(gen, quiet) is not None
         except (TimeoutError, BackendUnavailable) as exc:  # the lock: another process recounts, or is gone

@@ -16,15 +16,26 @@ import contextlib
 from collections.abc import Iterable, Mapping
 
 from packmule._core.errors import BackendUnavailable
-from packmule.backends.base import Queue
+from packmule.backends.base import Queue, Store
 
-__all__ = ["REREAD_AFTER", "armed", "crossed", "wake_crossed", "wake_value"]
+__all__ = ["MAX_WAKERS", "REREAD_AFTER", "arm", "armed", "crossed", "wake_crossed", "wake_value"]
 
 REREAD_AFTER = 0.005  # s: a batch longer than this reads its runs' wake keys again before its commit
+MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
 
 
 def wake_value(channel: str, threshold: int) -> bytes:
     return f"{channel} {threshold}".encode()
+
+
+def arm(store: Store, key: str, channel: str, until_done: int, ttl: float) -> None:
+    """Put a waiting driver's channel and count in the run's wake key, beside those
+    of up to MAX_WAKERS - 1 other drivers (a read and a write: two drivers arming
+    at once may drop one, which then only looks every ``waiting.LOOK_EVERY``)."""
+    raw = store.get_many([key]).get(key) or b""
+    others = [line for line in raw.split(b"\n") if line and not line.startswith(channel.encode() + b" ")]
+    lines = [*others[-(MAX_WAKERS - 1):], wake_value(channel, until_done)]
+    store.set_many({key: b"\n".join(lines)}, ttl)
 
 
 def armed(got: Mapping[str, bytes], prefixes: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
