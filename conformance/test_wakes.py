@@ -24,9 +24,13 @@ WAIT = 30
 
 
 def _listener(backend: Backend) -> Listener:
+    """This thread's listener, with no wake pending: a wait of an earlier test may
+    have been woken after it returned, and a wake is kept for the next wait."""
     listener = backend.queue.listen()
     if listener is None:
         pytest.skip(f"backend {backend.name!r} has no wakes (listen() is None): its waits poll")
+    while listener.wait(0.05):
+        pass
     return listener
 
 
