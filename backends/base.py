@@ -21,13 +21,27 @@ from typing import Any, NamedTuple
 
 class Put(NamedTuple):
     """One job to queue: its body, its time-to-run, a delay before it is ready,
-    and the shard key that picks its preferred server (equal keys, equal
-    server; a queue of several servers may put it on another while that one is down)."""
+    its priority, and the shard key that picks its preferred server (equal keys,
+    equal server; a queue of several servers may put it on another while that
+    one is down).
+
+    *Priority*: an int in ``PRIORITIES``; of the ready jobs of a server, one of
+    a higher priority is reserved before any of a lower one, and those of one
+    priority oldest first.  A released job keeps its priority.
+
+    *Delay*: seconds before the job is ready, at most ``Queue.max_delay``.  A
+    backend that keeps whole seconds rounds a put's delay *down* (the engine
+    holds a job that comes early, by under a second, until its time: the job's
+    body says when); other delays (``release``) it rounds up."""
 
     shard: str
     body: bytes
     ttr: float
     delay: float = 0.0
+    priority: int = 0
+
+
+PRIORITIES = range(-100, 101)  # the priorities every backend keeps apart
 
 
 class Reserved(NamedTuple):
@@ -93,6 +107,8 @@ class Queue(abc.ABC):
     #: The largest body ``put_many`` accepts, in bytes (None: no limit).  The
     #: engine keeps larger bodies in the store and queues a reference to them.
     max_body: int | None = None
+    #: The longest delay ``put_many`` keeps a job for, in seconds.
+    max_delay: float = 2.0**32 - 1
 
     @abc.abstractmethod
     def server_for(self, shard: str) -> str:

@@ -229,3 +229,33 @@ class Gated(packmule.Runner):
                 raise TimeoutError(f"the gate {gate} was not opened within 120 s")
             time.sleep(0.02)
         return i
+
+
+class Timed(packmule.Runner):
+    """Jobs that note when they started (``time.time()``: one clock for every
+    process of this machine), for the tests of delays and priorities."""
+
+    wait_timeout = WAIT_LIMIT
+    record_return_values = True
+
+    def stamp(self, path: str, tag: str) -> str:
+        note(path, f"{tag}@{time.time():.6f}")
+        return tag
+
+    def hold(self, started: str, gate: str) -> str:
+        """Note that it runs, then keep its worker busy until ``gate`` exists."""
+        note(started, str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gate {gate} was not opened within 120 s")
+            time.sleep(0.02)
+        return "held"
+
+    def echo(self, *args: Any, **kwargs: Any) -> Any:
+        return [list(args), kwargs]
+
+
+def stamps(path: str) -> list[tuple[str, float]]:
+    """What ``Timed.stamp`` noted: (tag, start time), in the order noted."""
+    return [(tag, float(at)) for tag, _, at in (line.partition("@") for line in lines(path))]

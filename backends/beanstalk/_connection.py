@@ -25,7 +25,7 @@ __all__ = ["IO_TIMEOUT", "MAX_SECONDS", "PIPELINE_WINDOW", "POKE_LATE", "PRIORIT
 
 log = logging.getLogger("packmule.backends.beanstalk")
 
-PRIORITY = 2**16  # one priority for every job: each server hands them out oldest first
+PRIORITY = 2**16  # beanstalkd's priority of a job of priority 0 (lower is sooner); of priority p: PRIORITY - p
 IO_TIMEOUT = 30.0  # s a server may take to answer a command before it counts as unavailable
 PIPELINE_WINDOW = 1000  # commands written before their answers are read; the answers to two
 #                         windows (about 20 bytes each) must fit in the socket buffers, or both
@@ -37,6 +37,12 @@ MAX_SECONDS = 2**32 - 1  # beanstalkd keeps delays and TTRs as 32-bit whole seco
 def whole_seconds(seconds: float, minimum: int) -> int:
     """Seconds as beanstalkd takes them: rounded up, never below ``minimum``."""
     return max(minimum, min(MAX_SECONDS, math.ceil(seconds)))
+
+
+def put_delay(seconds: float) -> int:
+    """A put's delay as beanstalkd takes it: rounded *down*, the engine holding a
+    job that comes early by the fraction (``backends.base.Put``)."""
+    return max(0, min(MAX_SECONDS, int(seconds)))
 
 
 
@@ -92,7 +98,7 @@ class Connection:
             parts: list[bytes] = []
             for job in window:
                 parts.append(b"put %d %d %d %d\r\n" % (
-                    PRIORITY, whole_seconds(job.delay, 0), whole_seconds(job.ttr, 1), len(job.body)))
+                    PRIORITY - job.priority, put_delay(job.delay), whole_seconds(job.ttr, 1), len(job.body)))
                 parts += (job.body, b"\r\n")
             self._sock.sendall(b"".join(parts))
             if n:
@@ -120,7 +126,7 @@ class Connection:
         """greenstalk's own put: one round trip per job (kept to measure pipelining)."""
         for job in jobs:
             try:
-                self.client.put(job.body, PRIORITY, whole_seconds(job.delay, 0), whole_seconds(job.ttr, 1))
+                self.client.put(job.body, PRIORITY - job.priority, put_delay(job.delay), whole_seconds(job.ttr, 1))
             except greenstalk.JobTooBigError:
                 raise self.too_big(job) from None
 
@@ -147,24 +153,24 @@ class Connection:
             data = self._reader.read(size + 2)
             if len(data) != size + 2:
                 raise ConnectionError("beanstalkd closed the connection in the middle of a job")
-            crashes, ttr = self._job_stats(job_id)
+            crashes, ttr, pri = self._job_stats(job_id)
             self.held[job_id] = (time.monotonic() + ttr, ttr)
-            return Reserved(Reservation(self, job_id), data[:-2], self.server, crashes)
+            return Reserved(Reservation(self, job_id, pri), data[:-2], self.server, crashes)
         if status in (b"TIMED_OUT", b"DEADLINE_SOON"):
             return None
         raise unexpected(status, values, "reserve")
 
-    def _job_stats(self, job_id: int) -> tuple[int, float]:
+    def _job_stats(self, job_id: int) -> tuple[int, float, int]:
         """Of a job just reserved: how many times a holder went away with it (its
-        connection closed), and its time-to-run.
+        connection closed), its time-to-run, and its priority (kept when released).
         beanstalkd counts reserves, releases, time-outs and kicks, but not deaths:
         they are what is left of the reserves (less this one)."""
         try:
             stats: Any = self.client.stats_job(job_id)
         except greenstalk.NotFoundError:
-            return 0, 0.0  # already timed out and taken by another: its handle is lapsed anyway
+            return 0, 0.0, PRIORITY  # already timed out and taken by another: its handle is lapsed anyway
         ended = sum(int(stats[kind]) for kind in ("releases", "timeouts", "kicks"))
-        return max(0, int(stats["reserves"]) - 1 - ended), float(stats["ttr"])
+        return max(0, int(stats["reserves"]) - 1 - ended), float(stats["ttr"]), int(stats["pri"])
 
     def poke(self) -> None:
         """A command that changes nothing, so that beanstalkd schedules this
@@ -267,10 +273,10 @@ class Keeper:
 class Reservation:
     """The handle of a reserved job: its id and the connection that holds it."""
 
-    __slots__ = ("connection", "job_id")
+    __slots__ = ("connection", "job_id", "pri")
 
-    def __init__(self, connection: Connection, job_id: int) -> None:
-        self.connection, self.job_id = connection, job_id
+    def __init__(self, connection: Connection, job_id: int, pri: int = PRIORITY) -> None:
+        self.connection, self.job_id, self.pri = connection, job_id, pri
 
     @property
     def server(self) -> str:

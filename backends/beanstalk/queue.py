@@ -38,7 +38,7 @@ import greenstalk
 from packmule._core.errors import BackendUnavailable
 
 from ..base import Put, Queue, QueueStats, Reserved
-from ._connection import PRIORITY, Connection, Keeper, Reservation, whole_seconds
+from ._connection import Connection, Keeper, Reservation, whole_seconds
 from ._pool import Health, Servers, ThreadConnections
 from .wake import Wakes
 
@@ -333,9 +333,9 @@ class BeanstalkQueue(Wakes, Queue):
                 conn.held[reservation.job_id] = (time.monotonic() + held[1], held[1])
             try:
                 if command == "release":
-                    conn.client.release(job, PRIORITY, delay)
+                    conn.client.release(job, reservation.pri, delay)
                 elif command == "bury":
-                    conn.client.bury(job, PRIORITY)
+                    conn.client.bury(job, reservation.pri)
                 else:
                     conn.client.touch(job)
             except greenstalk.NotFoundError:

@@ -19,6 +19,47 @@ from packmule.backends.base import Put, QueueStats, Reserved
 Handle = tuple[int, int]  # (job id, reservation token)
 
 
+class ReadyJobs:
+    """The ready jobs' ids: of a higher priority first, oldest first within one
+    (a deque per priority present; one, most of the time)."""
+
+    __slots__ = ("by", "order", "count")
+
+    def __init__(self) -> None:
+        self.by: dict[int, deque[int]] = {}
+        self.order: list[int] = []  # the priorities present, highest first
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _of(self, priority: int) -> deque[int]:
+        jobs = self.by.get(priority)
+        if jobs is None:
+            jobs = self.by[priority] = deque()
+            self.order.append(priority)
+            self.order.sort(reverse=True)
+        return jobs
+
+    def append(self, job: int, priority: int) -> None:
+        self._of(priority).append(job)
+        self.count += 1
+
+    def appendleft(self, job: int, priority: int) -> None:
+        self._of(priority).appendleft(job)
+        self.count += 1
+
+    def popleft(self) -> int:
+        priority = self.order[0]
+        jobs = self.by[priority]
+        job = jobs.popleft()
+        if not jobs:
+            del self.by[priority]
+            self.order.pop(0)
+        self.count -= 1
+        return job
+
+
 class Core:
     """Queue and store.  Every method is atomic (one lock); a bulk call is
     atomic as a whole here, which is stronger than the interface asks."""
@@ -28,8 +69,8 @@ class Core:
         self.cond = threading.Condition()
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
-        self.bodies: dict[int, tuple[bytes, float]] = {}  # id -> (body, ttr)
-        self.ready: deque[int] = deque()
+        self.bodies: dict[int, tuple[bytes, float, int]] = {}  # id -> (body, ttr, priority)
+        self.ready = ReadyJobs()
         self.delayed: list[tuple[float, int]] = []  # heap of (ready at, id)
         self.reserved: dict[int, tuple[int, float, object]] = {}  # id -> (token, deadline, owner)
         self.deadlines: list[tuple[float, int, int]] = []  # heap of (deadline, id, token)
@@ -55,14 +96,14 @@ class Core:
         woke = False
         while self.delayed and self.delayed[0][0] <= now:
             _, job = heapq.heappop(self.delayed)
-            self.ready.append(job)
+            self.ready.append(job, self.bodies[job][2])
             woke = True
         while self.deadlines and self.deadlines[0][0] <= now:
             _, job, token = heapq.heappop(self.deadlines)
             held = self.reserved.get(job)
             if held is not None and held[0] == token and held[1] <= now:
                 del self.reserved[job]
-                self.ready.append(job)
+                self.ready.append(job, self.bodies[job][2])
                 woke = True
         if woke:
             self.cond.notify_all()
@@ -72,11 +113,11 @@ class Core:
         with self.cond:
             for job in jobs:
                 jid = next(self._ids)
-                self.bodies[jid] = (job.body, job.ttr)
+                self.bodies[jid] = (job.body, job.ttr, job.priority)
                 if job.delay > 0:
                     heapq.heappush(self.delayed, (now + job.delay, jid))
                 else:
-                    self.ready.append(jid)
+                    self.ready.append(jid, job.priority)
             self.cond.notify_all()
 
     def reserve_many(self, owner: object, max_count: int, timeout: float) -> list[Reserved]:
@@ -94,7 +135,7 @@ class Core:
             for _ in range(min(max_count, len(self.ready))):
                 jid = self.ready.popleft()
                 token = next(self._tokens)
-                body, ttr = self.bodies[jid]
+                body, ttr, _ = self.bodies[jid]
                 self.reserved[jid] = (token, now + ttr, owner)
                 heapq.heappush(self.deadlines, (now + ttr, jid, token))
                 out.append(Reserved((jid, token), body, self.server, self.crashes.get(jid, 0)))
@@ -120,7 +161,7 @@ class Core:
                 if delay > 0:
                     heapq.heappush(self.delayed, (time.monotonic() + delay, handle[0]))
                 else:
-                    self.ready.append(handle[0])
+                    self.ready.append(handle[0], self.bodies[handle[0]][2])
                     self.cond.notify_all()
 
     def bury(self, handle: Handle) -> None:
@@ -144,7 +185,7 @@ class Core:
             mine = [jid for jid, held in self.reserved.items() if held[2] is owner]
             for jid in mine:
                 del self.reserved[jid]
-                self.ready.appendleft(jid)
+                self.ready.appendleft(jid, self.bodies[jid][2])
                 self.crashes[jid] = self.crashes.get(jid, 0) + 1
             self.cond.notify_all()
             return len(mine)

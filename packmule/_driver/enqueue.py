@@ -42,9 +42,10 @@ class Enqueuer:
         def _serialize(self, what: str, obj: Any) -> bytes: ...
 
     def _queue_outside(self, method: str, chunks: list[Entries], entries: list[bytes], digest: str,
-                       runner_blob: bytes, options: tuple[float, int, float, bool]) -> list[JobRef]:
+                       runner_blob: bytes, options: tuple[float, int, float, bool],
+                       timing: tuple[int, float]) -> list[JobRef]:
         """Queue the jobs of ``chunks`` from outside any job (their pickled
-        ``entries``, the runner's blob and options checked already)."""
+        ``entries``, the runner's blob, options and (priority, due) checked already)."""
         ttr, retries, delay, record = options
         backend = self.backend
         sizes = [count(chunk) for chunk in chunks]
@@ -75,7 +76,7 @@ class Enqueuer:
         by_server: dict[str, tuple[list[Put], list[str]]] = {}  # server -> (its puts, the paths they carry)
         for i, (chunk, blob, size) in enumerate(zip(chunks, entries, sizes, strict=True)):
             start = base + i * BUNDLE
-            first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, ())
+            first = Task(self.name, gen, str(start), method, (), {}, digest, ttr, retries, delay, record, (), *timing)
             puts, paths = by_server.setdefault(backend.queue.server_for(shard(self.name, gen, str(start))), ([], []))
             puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
             paths += map(str, range(start, start + size))

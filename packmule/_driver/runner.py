@@ -11,6 +11,7 @@ import uuid
 import weakref
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
 from typing import Any
 
 import cloudpickle
@@ -34,6 +35,7 @@ from packmule._model.job import JobContext, Spec, current
 from packmule._model.keys import check_name, parse_job_id, prefix, user_lock
 from packmule._model.methods import FRAMEWORK, refusal
 from packmule._model.records import unwrap
+from packmule._model.timing import check_priority, due_time
 from packmule._transport.codec import dumps, signer_for
 from packmule._transport.wire import BUNDLE, Entries, Task, expand
 from packmule.backends import _choice
@@ -57,6 +59,7 @@ class Runner(Enqueuer, Waits):
     retry_delay: float = 1.0  # s before the first retry; doubles each time
     wait_timeout: float | None = None  # s a blocking deferred_result waits (None: no limit)
     max_crashes: int = 3  # deaths of its worker process a job may cause before it fails for good
+    priority: int = 0  # of its jobs, unless enqueue says otherwise: higher runs first (-100 to 100)
 
     def __init__(self, name: str | None = None, push_progress_updates: bool = False, *,
                  record_return_values: bool | None = None, time_to_run: float | None = None,
@@ -144,19 +147,48 @@ class Runner(Enqueuer, Waits):
         return None
 
     # --- enqueue ---------------------------------------------------------------------
-    def enqueue(self, method_name: str, *args: Any, **kwargs: Any) -> JobRef:
-        """Queue ``self.method_name(*args, **kwargs)`` as a job; returns its JobRef."""
-        return self._enqueue(method_name, [[(args, kwargs, ())]])[0]
+    def enqueue(self, method_name: str, *args: Any, delay: float | timedelta | None = None,
+                at: datetime | None = None, priority: int | None = None, **kwargs: Any) -> JobRef:
+        """Queue ``self.method_name(*args, **kwargs)`` as a job; returns its JobRef.
+        ``delay`` (seconds or a timedelta) or ``at`` (an aware datetime): not
+        before then; ``priority``: of the ready jobs, higher runs first
+        (default: the class's ``priority``).  A job method with a parameter of
+        one of these names gets it through ``enqueue_call``."""
+        return self._enqueue(method_name, [[(args, kwargs, ())]], self._timing(delay, at, priority))[0]
 
-    def enqueue_each(self, method_name: str, items: Iterable[Any], *args: Any, **kwargs: Any) -> list[JobRef]:
-        """``enqueue(method_name, item, *args, **kwargs)`` for each item, in bulk."""
+    def enqueue_call(self, method_name: str, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
+                     delay: float | timedelta | None = None, at: datetime | None = None,
+                     priority: int | None = None) -> JobRef:
+        """``enqueue`` with the job's arguments given apart from the options, so
+        that any keyword (``delay``, ``at``, ``priority`` too) reaches the job."""
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"enqueue_call's kwargs= takes a dict, not {type(kwargs).__name__}")
+        return self._enqueue(method_name, [[(tuple(args), dict(kwargs or {}), ())]],
+                             self._timing(delay, at, priority))[0]
+
+    def enqueue_each(self, method_name: str, items: Iterable[Any], *args: Any,
+                     delay: float | timedelta | None = None, at: datetime | None = None,
+                     priority: int | None = None, **kwargs: Any) -> list[JobRef]:
+        """``enqueue(method_name, item, *args, **kwargs)`` for each item, in bulk
+        (``delay``/``at``/``priority`` as ``enqueue``'s, one for all of them)."""
+        timing = self._timing(delay, at, priority)
         items = list(items)
         # in the form a bundle carries enqueue_each's jobs: nothing built per item
-        return self._enqueue(method_name, [(items[i:i + BUNDLE], args, kwargs) for i in range(0, len(items), BUNDLE)])
+        return self._enqueue(method_name, [(items[i:i + BUNDLE], args, kwargs) for i in range(0, len(items), BUNDLE)],
+                             timing)
 
-    def _enqueue(self, method: str, chunks: list[Entries]) -> list[JobRef]:
+    def _timing(self, delay: object, at: object, priority: object) -> tuple[int, float]:
+        """(priority, due) of jobs queued now with these options, refused at the call if bad."""
+        if priority is None:
+            priority = check_priority(self.priority, f"{type(self).__name__}.priority")
+        limit, whose = self.backend.queue.max_delay, "the longest delay of the queue"
+        if _config.state_ttl() < limit:
+            limit, whose = _config.state_ttl(), "the lifetime of a run's state (PACKMULE_STATE_TTL)"
+        return check_priority(priority), due_time(delay, at, limit, whose)
+
+    def _enqueue(self, method: str, chunks: list[Entries], timing: tuple[int, float] = (0, 0.0)) -> list[JobRef]:
         """Queue the jobs of ``chunks``: the entries of one bundle each, at most
-        BUNDLE jobs (``packmule._transport.wire``)."""
+        BUNDLE jobs (``packmule._transport.wire``), with ``timing`` (priority, due)."""
         self._check_method(method)
         ttr, retries, delay, record = self._options()
         entries = [self._entries(method, chunk) for chunk in chunks]  # refuses a bad item before queueing
@@ -172,10 +204,11 @@ class Runner(Enqueuer, Waits):
                 path = ctx.next_path()
                 ctx.child_index[path] = len(ctx.children)
                 ctx.children.append(Task(self.name, gen, path, method, args, kwargs, digest, ttr, retries, delay,
-                                         record, ()))
+                                         record, (), *timing))
                 refs.append(ref_for(backend, self.name, gen, path))
             return refs
-        return self._queue_outside(method, chunks, entries, digest, runner_blob, (ttr, retries, delay, record))
+        return self._queue_outside(method, chunks, entries, digest, runner_blob, (ttr, retries, delay, record),
+                                   timing)
 
     # --- deferred_result -------------------------------------------------------------
     def deferred_result(self, method_name: str, jobs: Iterable[JobRef], *args: Any, **kwargs: Any) -> Any:

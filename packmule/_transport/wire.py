@@ -7,7 +7,7 @@ identity, value key and effects, and a worker splits a bundle of slow or
 unknown jobs so that other workers get a share (``packmule._worker.engine``).
 
 Payload: ``(name, gen, method, digest, ttr, max_retries, retry_delay, record,
-path_prefix, start, entries)`` with ``entries`` pickled, in one of two forms:
+priority, due, path_prefix, start, entries)`` with ``entries`` pickled, in one of two forms:
 a list of ``(args, kwargs, watchers)``, one per job; or, from
 ``enqueue_each``, a tuple ``(items, args, kwargs)``: job ``i`` runs with
 ``(items[i], *args)`` and ``kwargs`` and has no watchers (the driver then
@@ -18,6 +18,7 @@ continuation, whose method and inputs are in the store under its spec key.
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -64,11 +65,13 @@ class Task(NamedTuple):
     retry_delay: float
     record: bool
     watchers: tuple[tuple[str, int], ...]  # (continuation path, inputs it counts)
+    priority: int = 0  # higher runs first (backends.base.PRIORITIES)
+    due: float = 0.0  # Unix time before which it must not run (0: none); a bundle has one
 
     @property
     def header(self) -> tuple[Any, ...]:
         return (self.name, self.gen, self.method, self.digest, self.ttr, self.max_retries, self.retry_delay,
-                self.record)
+                self.record, self.priority, self.due)
 
     @property
     def id(self) -> str:
@@ -130,20 +133,22 @@ def pack(signer: Signer, first: Task, entries: bytes, jobs: int,
         return (pack(signer, first, dumps(head), half, lambda: head)
                 + pack(signer, second, dumps(tail), jobs - half, lambda: tail))
     payload = (*first.header, prefix, start, entries)
-    return [Put(shard(first.name, first.gen, first.path), signer.sign(pickle.dumps(payload, 5)), first.ttr)]
+    delay = max(0.0, first.due - time.time()) if first.due else 0.0
+    return [Put(shard(first.name, first.gen, first.path), signer.sign(pickle.dumps(payload, 5)), first.ttr, delay,
+                first.priority)]
 
 
 def decode(signer: Signer, body: bytes) -> list[Task]:
     """The tasks in a queue body; raises ``Forged`` before unpickling a bad one."""
-    name, gen, method, digest, ttr, retries, delay, record, prefix, start, entries = pickle.loads(
+    name, gen, method, digest, ttr, retries, delay, record, priority, due, prefix, start, entries = pickle.loads(
         signer.payload(body))
     entries = pickle.loads(entries)
     make = Task._make  # (a little quicker than Task(...), per job)
     if isinstance(entries, tuple):  # enqueue_each's form
         items, args, kwargs = entries
         return [make((name, gen, f"{prefix}{start + i}", method, (item, *args), kwargs, digest, ttr, retries, delay,
-                      record, ()))
+                      record, (), priority, due))
                 for i, item in enumerate(items)]
     return [make((name, gen, f"{prefix}{start + i}", method, args, kwargs, digest, ttr, retries, delay, record,
-                  tuple(watchers)))
+                  tuple(watchers), priority, due))
             for i, (args, kwargs, watchers) in enumerate(entries)]

@@ -353,7 +353,7 @@ class Committer:
         return list(o.spec.watchers) if o.spec is not None else list(o.task.watchers)
 
     def _continuation_task(self, parent: Task, path: str) -> Task:
-        return parent._replace(path=path, method=None, args=(), kwargs={}, watchers=())
+        return parent._replace(path=path, method=None, args=(), kwargs={}, watchers=(), due=0.0)
 
     def _finish_queue(self, outcomes: list[Outcome], later: list[Task]) -> None:
         """Queue what the batch produced, then settle each reserved item: an item
