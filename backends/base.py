@@ -1,6 +1,7 @@
 """The backend interface: three services the engine builds every semantic from.
 
-A backend is a work queue, a shared store and named locks.  Nothing here knows
+A backend is a work queue, a shared store and named locks, and may have
+registers (``Backend.registers``, ``Backend.ledger``).  Nothing here knows
 about runs, fan-in or progress: those live once, in ``packmule``.  A third
 party's backend subclasses :class:`Backend`, registers it under the entry point
 group ``packmule.backends``, and runs ``packmule.conformance`` against it.
@@ -244,18 +245,31 @@ class Store(abc.ABC):
 
 class Registers(abc.ABC):
     """Small named values that every process reads alike, whichever servers it
-    can reach: a consensus service's (ZooKeeper's), for what a store spread
-    over servers cannot agree on (which generation a run name is on now).
-    A value older than the ``ttl`` it was written with reads as absent."""
+    can reach, written by compare-and-set: a consensus service's (ZooKeeper's),
+    for what a store spread over servers cannot agree on (which generation a run
+    name is on now), or for what must not be lost (``Backend.ledger``).
+
+    Names are non-empty ``str``; values ``bytes``.  ``ttl`` is seconds the value
+    lives (0: the backend's longest, at least 30 days).  A value older than its
+    ``ttl`` reads as absent, but its register stays until ``prune`` or a ``swap``
+    with the token of that read removes it.  Each call is atomic (linearizable).
+    A ``swap`` that raises (``BackendUnavailable``) may have written or not: a
+    later read tells, if the value names its writer."""
 
     @abc.abstractmethod
     def read(self, name: str) -> tuple[bytes | None, Any]:
-        """The value (None: absent or expired) and a token for ``swap``."""
+        """The value (None: absent or expired) and a token for ``swap``: None if
+        no register of that name exists, else one that stands for its state as
+        read (a register deleted and created again may give a token it gave before)."""
 
     @abc.abstractmethod
     def swap(self, name: str, token: Any, value: bytes | None, ttl: float) -> bool:
         """Write ``value`` (None: delete it) only if the register is as the read
-        that gave ``token`` found it; whether it was written."""
+        that gave ``token`` found it: compare-and-set; whether it was written.
+        With ``token`` None it creates the register only if none exists (or,
+        with ``value`` None, answers whether none exists): among concurrent
+        creators of one name exactly one wins, and every other gets False and
+        then reads the winner's value.  A failed swap changes nothing."""
 
     def prune(self) -> int:
         """Delete registers that have expired; how many.  (Every worker process
@@ -272,6 +286,11 @@ class Backend(abc.ABC):
     #: Where run names point to their generations when the store cannot agree
     #: on it (several servers, any of which may be down); None: in the store.
     registers: Registers | None = None
+    #: Durable registers that outlive every worker process (create-if-absent,
+    #: compare-and-set): where periodic schedules claim their ticks and keep each
+    #: schedule's last one.  Not a cache: a value stays until it expires or is
+    #: swapped away, never evicted.  None: this backend cannot run schedules.
+    ledger: Registers | None = None
 
     @classmethod
     @abc.abstractmethod

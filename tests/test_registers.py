@@ -12,7 +12,7 @@ import pytest
 from packmule.backends.beanstalk import BeanstalkBackend
 from packmule.backends.beanstalk._pool import Servers
 from packmule.backends.beanstalk.locks import ZooKeeperLocks
-from packmule.backends.beanstalk.registers import ZooKeeperRegisters
+from packmule.backends.beanstalk.registers import LEDGER_ROOT, ZooKeeperRegisters
 
 from conformance.servers import ZooKeeper
 
@@ -95,6 +95,39 @@ def test_registers_are_used_only_with_several_memcached_servers(zookeeper: ZooKe
     finally:
         one.close()
         two.close()
+
+
+def test_the_ledger_is_on_zookeeper_with_any_memcached_and_apart_from_the_registers(zookeeper: ZooKeeper) -> None:
+    env = {"PACKMULE_SECRET": "s", "PACKMULE_ZOOKEEPER": zookeeper.address}
+    one = BeanstalkBackend.from_env(dict(env, PACKMULE_MEMCACHED="127.0.0.1:1"))
+    two = BeanstalkBackend.from_env(dict(env, PACKMULE_MEMCACHED="127.0.0.1:1,127.0.0.1:2"))
+    try:
+        assert isinstance(one.ledger, ZooKeeperRegisters) and one.ledger.root == LEDGER_ROOT
+        # one name, two registers: a ledger claim is not a run-name pointer
+        assert two.registers is not None
+        name = f"pm/both-{time.monotonic_ns()}"
+        assert two.ledger.swap(name, None, b"tick", 60)
+        assert two.registers.read(name) == (None, None)
+        assert two.registers.swap(name, None, b"gen", 60)
+        assert one.ledger.read(name)[0] == b"tick"
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_worker_process_prune_deletes_the_expired_ledger_registers(zookeeper: ZooKeeper) -> None:
+    from packmule._model.registry import Beat
+
+    backend = BeanstalkBackend.from_env({"PACKMULE_SECRET": "s", "PACKMULE_ZOOKEEPER": zookeeper.address,
+                                         "PACKMULE_MEMCACHED": "127.0.0.1:1"})
+    try:
+        stale = f"pm/ledger-stale-{time.monotonic_ns()}"
+        assert backend.ledger.swap(stale, None, b"old", 1)
+        time.sleep(2.1)
+        Beat(backend).prune()  # (what `packmule worker` runs about hourly)
+        assert backend.ledger.read(stale) == (None, None)
+    finally:
+        backend.close()
 
 
 def test_a_label_names_a_server_for_placement_whatever_its_address() -> None:

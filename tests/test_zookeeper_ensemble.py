@@ -4,7 +4,8 @@ follower, or the leader, before a lock is taken or while it is held.  Several
 real processes contend for one lock and append "enter"/"leave" lines to one
 file (``O_APPEND``: the file's order is the order of the events), so an
 overlap shows as two "enter" lines in a row.  Also: what locks.py does when
-ZooKeeper stays out of reach for longer than the session timeout.  The lock
+ZooKeeper stays out of reach for longer than the session timeout, and the
+ledger's create-if-absent on two members of three.  The lock
 tests of conformance/ and tests/ on a degraded ensemble, and each member's
 state, are in test_zookeeper_members.py."""
 
@@ -28,6 +29,8 @@ from packmule.backends.beanstalk.locks import SESSION_TIMEOUT  # noqa: E402
 from conformance.harness import Harness, beanstalk_harness  # noqa: E402
 from conformance.runners import Worky, lines  # noqa: E402  (lines: a file's words)
 from conformance.servers import Proxy  # noqa: E402
+from conformance.test_backend_contract import overlapping, run_together  # noqa: E402
+from conformance.test_ledger_contract import _creator  # noqa: E402
 from packmule._core.errors import BackendUnavailable  # noqa: E402
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -230,6 +233,24 @@ def test_a_run_of_locked_jobs_completes_exactly_when_the_leader_dies_mid_run(
     # Then the run completes, and no increment was lost to two holders at once
     assert runner.deferred_result("total", jobs) == sum(range(200))
     assert lines(path) == ["200"]
+
+
+def test_of_processes_claiming_ledger_registers_at_once_exactly_one_wins_each_with_the_leader_killed(
+    cluster: Harness, ensemble: Any, backend: BeanstalkBackend,
+) -> None:
+    # Given an ensemble whose leader was killed (SIGKILL): two members of three left
+    ensemble.leader().kill()
+    ensemble.wait_for_leader()
+    # When 4 processes create the same 30 ledger registers at once (create-if-absent)
+    names = [f"ensemble-claim{i}-{os.urandom(4).hex()}" for i in range(30)]
+    tags = [f"process {n}".encode() for n in range(4)]
+    reports = run_together(_creator, [(cluster.env, names, tag) for tag in tags])
+    assert overlapping([spans for *_, spans in reports]) > 0, "the creates never overlapped: nothing was proven"
+    # Then each has exactly one winner, whose value every process read
+    winners = {name: [tag for tag, won, _, _ in reports if name in won] for name in names}
+    assert all(len(w) == 1 for w in winners.values()), winners
+    assert all(seen == {name: w[0] for name, w in winners.items()} for _, _, seen, _ in reports)
+    assert {name: backend.ledger.read(name)[0] for name in names} == {name: w[0] for name, w in winners.items()}
 
 
 # --- ZooKeeper out of reach for longer than the session timeout --------------------------------

@@ -7,6 +7,7 @@ queue      beanstalkd (PACKMULE_BEANSTALKD, tube PACKMULE_TUBE)   ``queue.py``
 store      memcached (PACKMULE_MEMCACHED)                          ``store.py``
 locks      ZooKeeper (PACKMULE_ZOOKEEPER)                          ``locks.py``
 registers  ZooKeeper, with several memcached servers only          ``registers.py``
+ledger     ZooKeeper (``/packmule/ledger``), always                ``registers.py``
 =========  =========================  ==========================================
 
 Nothing connects until first use; then each thread of each process has its own
@@ -27,7 +28,7 @@ from ..base import Backend, ServerState
 from ._pool import Servers
 from .locks import ZooKeeperLocks
 from .queue import BeanstalkQueue
-from .registers import ZooKeeperRegisters
+from .registers import LEDGER_ROOT, ZooKeeperRegisters
 from .store import MemcachedStore
 
 __all__ = ["BeanstalkBackend"]
@@ -49,6 +50,7 @@ class BeanstalkBackend(Backend):
     name = "beanstalk"
     queue: BeanstalkQueue
     store: MemcachedStore
+    ledger: ZooKeeperRegisters
 
     def __init__(
         self, beanstalkd: Servers, memcached: Servers, zookeeper: Servers, *, secret: bytes,
@@ -67,6 +69,8 @@ class BeanstalkBackend(Backend):
         # several memcached servers cannot agree which generation a run name is
         # on while one is down for some processes only: ZooKeeper says it
         self.registers = ZooKeeperRegisters(self.locks) if len(memcached.addresses) > 1 else None
+        # schedules' ticks: durable (memcached's add evicts; a znode stays)
+        self.ledger = ZooKeeperRegisters(self.locks, root=LEDGER_ROOT)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], connect_timeout: float = CONNECT_TIMEOUT) -> BeanstalkBackend:

@@ -74,6 +74,7 @@ class LocalBackend(Backend):
         self._coordinator = self._start_coordinator()
         self._client = LocalClient(self.address, self._secret)
         self.queue, self.store = self._client.queue, self._client.store
+        self.ledger = self._client.ledger
         os.environ[ADDRESS_VAR] = self.address  # children of this process join this backend
         os.environ[SECRET_VAR] = self._secret.hex()
         atexit.register(self.close)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from packmule.backends.base import Backend, Listener, Put, Queue, QueueStats, Reserved, Store
 from packmule.backends.local.core import receive, send
+from packmule.backends.local.ledger import LocalLedger
 
 from packmule._core.errors import BackendUnavailable
 from packmule._core.fork import forget_at_fork
@@ -103,6 +104,7 @@ class LocalClient(Backend):
         self._conn, server = self._open()
         self.queue = _ClientQueue(self, server)
         self.store = _ClientStore(self)
+        self.ledger = LocalLedger(self)  # (in the coordinator: it outlives every worker)
         forget_at_fork(self)
 
     def _forget_inherited(self) -> None:

@@ -29,7 +29,7 @@ from packmule.backends.local.core import Core, call, receive, send
 
 log = logging.getLogger("packmule")
 
-SWEEP_EVERY = 60.0  # s between sweeps of expired keys
+SWEEP_EVERY = 60.0  # s between sweeps of expired keys (and ledger registers)
 
 
 class Coordinator:
@@ -105,6 +105,7 @@ class Coordinator:
         while True:
             time.sleep(SWEEP_EVERY)
             self.core.sweep()
+            self.core.ledger_prune()
 
 
 def main() -> int:

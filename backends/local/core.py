@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from packmule.backends.base import Put, QueueStats, Reserved
+from packmule.backends.local.ledger import LEDGER_OPS, Ledger
 
 Handle = tuple[int, int]  # (job id, reservation token)
 
@@ -88,6 +89,8 @@ class Core:
         self.signals = threading.Condition()
         self.woken: dict[str, bool] = {}
         self.listeners: dict[object, set[str]] = {}
+        # the ledger (Backend.ledger): registers kept for the backend's life (ledger.py)
+        self.ledger = Ledger()
 
     # --- queue ---------------------------------------------------------------------
     def _tick(self, now: float) -> None:
@@ -305,6 +308,16 @@ class Core:
             for key in [k for k, exp in self.expires.items() if exp <= now]:
                 del self.values[key], self.expires[key]
 
+    # --- ledger (ledger.py; its own lock) -------------------------------------------------
+    def ledger_read(self, name: str) -> tuple[bytes | None, int | None]:
+        return self.ledger.read(name)
+
+    def ledger_swap(self, name: str, token: int | None, value: bytes | None, ttl: float) -> bool:
+        return self.ledger.swap(name, token, value, ttl)
+
+    def ledger_prune(self) -> int:
+        return self.ledger.prune()
+
 
 def send(conn: Connection, message: Any) -> None:
     """Send one message over a client connection, as a plain pickle:
@@ -330,3 +343,4 @@ def call(core: Core, owner: object, op: str, args: tuple[Any, ...]) -> Any:
 
 OPS = frozenset({"put_many", "ack_many", "release", "bury", "touch", "stats", "get_many", "get_list", "set_many",
                  "add_many", "add_refused", "incr_many", "delete_many", "wake", "listen_wait"})
+OPS |= LEDGER_OPS

@@ -43,7 +43,7 @@ ENABLED = os.environ.get("PACKMULE_REGISTRY", "1") != "0"
 RUN_SLOTS = 1024
 WORKER_SLOTS = 1024  # worker processes the dashboard lists at once (more share slots and flicker)
 BEAT = 2.0  # s between a worker's beats
-PRUNE_EVERY = 3600.0  # s (about) between a worker process's prunes of expired registers (run-name pointers)
+PRUNE_EVERY = 3600.0  # s (about) between a worker process's prunes of expired registers (run names, ledger)
 BEAT_TTL = 3 * BEAT  # a worker that stops beating leaves the registry after this long
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, float("inf"))
 DUR_KEYS = tuple(f"dur:{i}" for i in range(len(BUCKETS)))
@@ -168,12 +168,18 @@ class Beat:
         while True:
             with contextlib.suppress(Exception):  # servers away: the next beat tries again
                 self.beat()
-            if time.monotonic() >= prune_at and self.backend.registers is not None:
+            if time.monotonic() >= prune_at:
                 prune_at = time.monotonic() + random.uniform(0.5, 1.5) * PRUNE_EVERY
-                with contextlib.suppress(Exception):  # (the next prune tries again)
-                    self.backend.registers.prune()
+                self.prune()
             if self._stop.wait(BEAT):
                 return
+
+    def prune(self) -> None:
+        """Delete the backend's expired registers: its run-name pointers' and its ledger's."""
+        for registers in (self.backend.registers, self.backend.ledger):
+            if registers is not None:
+                with contextlib.suppress(Exception):  # (the next prune tries again)
+                    registers.prune()
 
     def beat(self) -> None:
         store = self.backend.store

@@ -22,6 +22,7 @@ class WrappedBackend(Backend):
     def __init__(self, inner: Backend | None = None) -> None:
         self.inner = inner if inner is not None else LocalBackend(workers=2)
         self.queue, self.store = self.inner.queue, self.inner.store
+        self.ledger = self.inner.ledger  # (without it: a backend that cannot run schedules)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Backend:
