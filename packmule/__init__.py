@@ -41,6 +41,10 @@ __all__ = [
     "RunStateLost",
     "SecretMismatch",
     "ValuesNotRecorded",
+    "cron",
+    "current_tick",
+    "every",
+    "run_schedules",
 ]
 
 
@@ -55,6 +59,21 @@ def __getattr__(name: str) -> object:
 
         globals()["Runner"] = Runner
         return Runner
+    if name in ("every", "cron"):
+        from packmule._model import schedule
+
+        globals().update(every=schedule.every, cron=schedule.cron)
+        return globals()[name]
+    if name == "run_schedules":
+        from packmule.scheduling import run_schedules
+
+        globals()["run_schedules"] = run_schedules
+        return run_schedules
+    if name == "current_tick":
+        from packmule._model.scheduled import current_tick
+
+        globals()["current_tick"] = current_tick
+        return current_tick
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -4,6 +4,8 @@
     packmule status [NAME]                                    a run's progress, failures and queue; the servers
     packmule progress NAME [--watch]                          a run's progress (a live bar with --watch)
     packmule dashboard [--host H] [--port P] [--token T]      the web dashboard (needs packmule[web])
+    packmule scheduler --import MODULE ...                    fire the schedules MODULE declares
+    packmule schedules --import MODULE ...                    each schedule: next fire, last tick, its run
 
 The backend and its servers come from the PACKMULE_* variables (see README).
 """
@@ -188,12 +190,44 @@ def dashboard(host: str, port: int, token: str | None) -> int:
     return 0
 
 
+def _worker(a: argparse.Namespace) -> int:
+    scheduler = None
+    if not a.no_schedules and a.imports:
+        from packmule import scheduling  # (here: only a worker that imports schedules loads the driver)
+
+        _supervisor.setup_logging(a.log_level)
+        scheduler = scheduling.worker_schedules(a.imports)
+    try:
+        return _supervisor.worker_main(a)
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+
+
+def _schedules(a: argparse.Namespace) -> int:
+    from packmule import scheduling  # (here: see the top)
+
+    _supervisor.setup_logging(a.log_level)
+    if a.command == "scheduler":
+        return scheduling.scheduler_main(a.imports)
+    return scheduling.print_schedules(a.imports)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="packmule", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="serve the queue on this machine")
     _supervisor.add_arguments(worker)
+    worker.add_argument("--no-schedules", action="store_true",
+                        help="do not fire the schedules the --import modules declare (a cluster backend's "
+                             "worker fires them by default)")
+    for command, text in (("scheduler", "fire the schedules the --import modules declare (no jobs run here)"),
+                          ("schedules", "each schedule: its next fire time, its last tick and that run's state")):
+        sp = sub.add_parser(command, help=text)
+        sp.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="a module that declares schedules (repeat for several)")
+        sp.add_argument("--log-level", default="INFO")
     st = sub.add_parser("status", help="a run's progress, failures and queue; each server's state")
     st.add_argument("name", nargs="?", help="the run (none: only the queue and the servers)")
     pr = sub.add_parser("progress", help="a run's progress")
@@ -208,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.command == "worker":
-            return _supervisor.worker_main(a)
+            return _worker(a)
+        if a.command in ("scheduler", "schedules"):
+            return _schedules(a)
         if a.command == "dashboard":
             return dashboard(a.host, a.port, a.token)
         if a.command == "status":

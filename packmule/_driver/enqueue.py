@@ -17,6 +17,7 @@ from packmule._driver.run_state import RunState
 from packmule._model.keys import BLOB_FIELD, blob_key, prefix
 from packmule._model.placement import put
 from packmule._model.records import VOID
+from packmule._model.timing import check_priority, due_time
 from packmule._transport.codec import dumps, signer_for
 from packmule._transport.spill import spill_values
 from packmule._transport.wire import BUNDLE, Entries, Task, count, expand, pack, shard
@@ -34,7 +35,9 @@ class Enqueuer:
 
     if TYPE_CHECKING:  # (what it uses of Runner)
         name: str
+        priority: int
         _pm_gen: str | None
+        _pm_fresh_only: bool
 
         @property
         def backend(self) -> Backend: ...
@@ -58,7 +61,8 @@ class Enqueuer:
         # a bundle must be one block of paths (one server): a bulk call takes a
         # range wide enough to start at a multiple of BUNDLE; the gap is unused
         span = 1 if jobs == 1 else jobs + BUNDLE - 1
-        gen = self._pm_gen or state.start_or_join(first_fields(digest, runner_blob, jobs, span))
+        gen = self._pm_gen or state.start_or_join(first_fields(digest, runner_blob, jobs, span),
+                                                  fresh_only=self._pm_fresh_only)
         p = prefix(self.name, gen)
         stored = (id(backend.store), gen, digest)
         if not state.created and stored not in _stored_blobs:
@@ -89,6 +93,15 @@ class Enqueuer:
             server = backend.queue.server_for(shard(self.name, gen, str(start)))
             refs += [JobRef.fast(head + str(start + j), server) for j in range(size)]
         return refs
+
+    def _timing(self, delay: object, at: object, priority: object) -> tuple[int, float]:
+        """(priority, due) of jobs queued now with these options, refused at the call if bad."""
+        if priority is None:
+            priority = check_priority(self.priority, f"{type(self).__name__}.priority")
+        limit, whose = self.backend.queue.max_delay, "the longest delay of the queue"
+        if _config.state_ttl() < limit:
+            limit, whose = _config.state_ttl(), "the lifetime of a run's state (PACKMULE_STATE_TTL)"
+        return check_priority(priority), due_time(delay, at, limit, whose)
 
     def _take_paths(self, backend: Backend, p: str, span: int, jobs: int) -> int:
         """Count ``jobs`` in the run's ``total`` and take ``span`` paths from its

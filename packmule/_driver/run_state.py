@@ -19,11 +19,15 @@ from packmule._transport.spill import spill_values
 from packmule._transport.wire import shard
 from packmule.backends.base import Backend
 
-__all__ = ["RunState", "current_gen", "new_gen", "progress_of", "ref_for"]
+__all__ = ["RunExists", "RunState", "current_gen", "new_gen", "progress_of", "ref_for"]
 
 
 def new_gen() -> str:
     return os.urandom(4).hex()
+
+
+class RunExists(Exception):
+    """A fresh-only start found its run name taken (``RunState.start_or_join``)."""
 
 
 class RunState:
@@ -43,12 +47,14 @@ class RunState:
     def current_gen(self) -> str | None:
         return current_gen(self.backend, self.name)
 
-    def start_or_join(self, fields: Mapping[str, bytes | int] | None = None) -> str:
+    def start_or_join(self, fields: Mapping[str, bytes | int] | None = None, fresh_only: bool = False) -> str:
         """The generation an outside enqueue adds to: the current one if it is
         still running, else a fresh one (the first caller's, among racers).
         ``fields`` (prefix-relative) are written with a fresh generation's
         counters, and may set their first values (an outside enqueue's counts);
-        ``created`` says afterwards whether this call made it."""
+        ``created`` says afterwards whether this call made it.  ``fresh_only``:
+        a generation of this call's making, or ``RunExists`` (a schedule's tick
+        queued by another process: the run name is the tick's identity)."""
         self.created = False
         registers = self.backend.registers
         for _ in range(5):
@@ -57,6 +63,8 @@ class RunState:
                 gen = raw.decode() if raw is not None else None
             else:
                 gen = self.current_gen()
+            if gen is not None and fresh_only:
+                raise RunExists(f"run {self.name!r} exists already")
             if gen is not None:
                 progress = self.progress(gen, missing_ok=True)
                 if progress is not None and not progress.complete:
@@ -69,6 +77,8 @@ class RunState:
             if won == fresh:
                 self.created = True
                 note_run(self.store, self.name, fresh, prefix(self.name, fresh), self.ttl)
+            if won is not None and won != fresh and fresh_only:
+                raise RunExists(f"run {self.name!r} was started by another process at the same time")
             if won is not None:
                 return won
         raise RunStateLost(f"run {self.name!r}: its generation keeps changing under concurrent starts")

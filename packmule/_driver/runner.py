@@ -35,7 +35,7 @@ from packmule._model.job import JobContext, Spec, current
 from packmule._model.keys import check_name, parse_job_id, prefix, user_lock
 from packmule._model.methods import FRAMEWORK, refusal
 from packmule._model.records import unwrap
-from packmule._model.timing import check_priority, due_time
+from packmule._model.scheduled import declare
 from packmule._transport.codec import dumps, signer_for
 from packmule._transport.wire import BUNDLE, Entries, Task, expand
 from packmule.backends import _choice
@@ -60,6 +60,10 @@ class Runner(Enqueuer, Waits):
     wait_timeout: float | None = None  # s a blocking deferred_result waits (None: no limit)
     max_crashes: int = 3  # deaths of its worker process a job may cause before it fails for good
     priority: int = 0  # of its jobs, unless enqueue says otherwise: higher runs first (-100 to 100)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declare(cls)  # (its priority and its schedules, refused now if bad: packmule._model.scheduled)
 
     def __init__(self, name: str | None = None, push_progress_updates: bool = False, *,
                  record_return_values: bool | None = None, time_to_run: float | None = None,
@@ -86,6 +90,7 @@ class Runner(Enqueuer, Waits):
         self._pm_gen: str | None = None  # the generation this instance is adding to
         self._pm_progress: Progress | None = None  # the last progress read
         self._pm_pusher: threading.Thread | None = None
+        self._pm_fresh_only = False  # (a schedule's tick: queue only into a generation this call makes)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_pm_")}
@@ -176,15 +181,6 @@ class Runner(Enqueuer, Waits):
         # in the form a bundle carries enqueue_each's jobs: nothing built per item
         return self._enqueue(method_name, [(items[i:i + BUNDLE], args, kwargs) for i in range(0, len(items), BUNDLE)],
                              timing)
-
-    def _timing(self, delay: object, at: object, priority: object) -> tuple[int, float]:
-        """(priority, due) of jobs queued now with these options, refused at the call if bad."""
-        if priority is None:
-            priority = check_priority(self.priority, f"{type(self).__name__}.priority")
-        limit, whose = self.backend.queue.max_delay, "the longest delay of the queue"
-        if _config.state_ttl() < limit:
-            limit, whose = _config.state_ttl(), "the lifetime of a run's state (PACKMULE_STATE_TTL)"
-        return check_priority(priority), due_time(delay, at, limit, whose)
 
     def _enqueue(self, method: str, chunks: list[Entries], timing: tuple[int, float] = (0, 0.0)) -> list[JobRef]:
         """Queue the jobs of ``chunks``: the entries of one bundle each, at most

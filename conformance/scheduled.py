@@ -1,0 +1,40 @@
+"""Runners with schedules, for the conformance suite's schedule tests.  Each
+tick's job notes its tick in a file named after its schedule, in
+``TICKS_DIR``: a tick that ran twice shows twice, whichever process ran it.
+(A separate module from ``runners.py``: a scheduler fires every schedule of
+the modules it imports, and the other tests' workers need none.)"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import packmule
+
+TICKS_DIR = os.path.join(tempfile.gettempdir(), "packmule-conformance-ticks")
+
+
+def ticks_file(key: str) -> str:
+    return os.path.join(TICKS_DIR, key)
+
+
+class Noted(packmule.Runner):
+    """A tick notes itself, and its run records it as its value."""
+
+    record_return_values = True
+
+    def _note(self, key: str) -> str:
+        tick = packmule.current_tick()
+        assert tick is not None, "a scheduled job outside a tick's run"
+        os.makedirs(TICKS_DIR, exist_ok=True)
+        with open(ticks_file(key), "a") as f:
+            f.write(f"{tick:%Y%m%dT%H%M%SZ} {os.getpid()}\n")
+        return tick.isoformat()
+
+
+class Beat(Noted):
+    """Every second, for the tests with several scheduler processes."""
+
+    @packmule.every(seconds=1)
+    def beat(self) -> str:
+        return self._note("Beat.beat")
