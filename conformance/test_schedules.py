@@ -22,13 +22,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from packmule.backends.base import Backend
 
 from packmule._model.schedule import tick_name
 from packmule._model.scheduled import DECLARED
 from packmule.scheduling import Scheduler, claim_key, last_key
 
 from .harness import Harness, environ_for
-from .scheduled import ticks_file
+from .scheduled import Beat, ticks_file
 from .scheduled_more import Berlin, Crashy, Misfires, NewYork
 
 WAIT = 60.0
@@ -196,12 +197,13 @@ def _schedulers(harness: Harness, n: int) -> Iterator[list[subprocess.Popen[byte
     scheduler``s joined to it on a backend that lives in this process."""
     env = environ_for(harness)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    local = harness.backend.name == "local"
-    command = ["scheduler"] if local else ["worker", "--concurrency", "1"]
+    # (a backend that starts its own workers lives in this process: they join it)
+    joins = type(harness.backend).ensure_workers is not Backend.ensure_workers
+    command = ["scheduler"] if joins else ["worker", "--concurrency", "1"]
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "packmule", *command, "--import", "conformance.scheduled"],
+        proc = subprocess.Popen([sys.executable, "-m", "packmule", *command, "--import", Beat.__module__],
                                 env=env, stdin=subprocess.DEVNULL)
         procs.append(proc)
         return proc
