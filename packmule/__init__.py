@@ -65,7 +65,7 @@ def __getattr__(name: str) -> object:
         globals().update(every=schedule.every, cron=schedule.cron)
         return globals()[name]
     if name == "run_schedules":
-        from packmule.scheduling import run_schedules
+        from packmule.scheduling.faces import run_schedules
 
         globals()["run_schedules"] = run_schedules
         return run_schedules

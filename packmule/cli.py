@@ -193,7 +193,9 @@ def dashboard(host: str, port: int, token: str | None) -> int:
 def _worker(a: argparse.Namespace) -> int:
     scheduler = None
     if not a.no_schedules and a.imports:
-        from packmule import scheduling  # (here: only a worker that imports schedules loads the driver)
+        from packmule.scheduling import (
+            faces as scheduling,  # (here: only a worker that imports schedules loads the driver)
+        )
 
         _supervisor.setup_logging(a.log_level)
         scheduler = scheduling.worker_schedules(a.imports)
@@ -205,7 +207,7 @@ def _worker(a: argparse.Namespace) -> int:
 
 
 def _schedules(a: argparse.Namespace) -> int:
-    from packmule import scheduling  # (here: see the top)
+    from packmule.scheduling import faces as scheduling  # (here: see the top)
 
     _supervisor.setup_logging(a.log_level)
     if a.command == "scheduler":

@@ -15,6 +15,7 @@ def test_public_names_are_pinned():
     assert sorted(packmule.__all__) == sorted([
         "BackendUnavailable", "Cancelled", "JobFailed", "JobRef", "NoWorkers", "NotReady", "PackMuleError",
         "Progress", "Runner", "RunStateLost", "SecretMismatch", "ValuesNotRecorded",
+        "cron", "current_tick", "every", "run_schedules",
     ])
     for name in packmule.__all__:
         assert hasattr(packmule, name)

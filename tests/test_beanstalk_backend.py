@@ -28,6 +28,7 @@ import greenstalk  # noqa: E402
 import packmule.backends.beanstalk as beanstalk  # noqa: E402
 from packmule.backends.base import Put  # noqa: E402
 from packmule.backends.beanstalk import BeanstalkBackend  # noqa: E402
+from packmule.backends.beanstalk._connection import PRIORITY  # noqa: E402
 from packmule.backends.beanstalk._pool import Servers  # noqa: E402
 from packmule.backends.beanstalk.queue import shard_index, shard_order  # noqa: E402
 from packmule.backends.beanstalk.store import MAX_TTL, expiry, memcached_key  # noqa: E402
@@ -171,10 +172,18 @@ def test_ttr_is_rounded_up_to_whole_seconds(backend: BeanstalkBackend, beanstalk
     assert ttrs == {b"1.2 s": 2, b"0.01 s": 1}
 
 
-def test_delay_is_rounded_up_to_whole_seconds(backend: BeanstalkBackend) -> None:
-    backend.queue.put_many([Put("a", b"later", 60, delay=0.2)])
+def test_a_puts_delay_is_rounded_down_to_whole_seconds_and_its_priority_kept(
+        backend: BeanstalkBackend, beanstalkd: Beanstalkd) -> None:
+    # (beanstalkd keeps whole seconds: the engine holds a job given out early for the fraction left)
+    backend.queue.put_many([Put("a", b"soon", 60, delay=0.7, priority=5), Put("b", b"later", 60, delay=1.2)])
     assert backend.queue.stats().delayed == 1
-    assert backend.queue.reserve_many(1, 0) == []
+    [job] = backend.queue.reserve_many(1, 0)
+    assert job.body == b"soon" and stats_job(beanstalkd.address, job.handle.job_id)["pri"] == PRIORITY - 5
+    # and a release keeps the job's priority
+    backend.queue.release(job.handle, 0)
+    [again] = reserve(backend.queue, 1)
+    assert again.body == b"soon" and stats_job(beanstalkd.address, again.handle.job_id)["pri"] == PRIORITY - 5
+    backend.queue.ack_many([again.handle])
 
 
 def test_release_with_delay_makes_the_job_ready_after_the_delay(backend: BeanstalkBackend) -> None:

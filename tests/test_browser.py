@@ -266,3 +266,38 @@ def test_the_browser_is_debians_chromium_not_a_downloaded_one(browser):
     browsers = [child.exe() for child in driver.children()]  # /usr/bin/chromium runs Debian's build in /usr/lib
     assert browsers and all(exe.startswith("/usr/lib/chromium/") for exe in browsers), browsers
     assert os.environ["SE_MANAGER_PATH"] and not os.path.exists(os.environ["SE_MANAGER_PATH"])
+
+
+def test_the_schedules_page_shows_a_tick_fire_and_its_run_complete_without_a_reload(stack, browser):
+    from datetime import datetime, timedelta, timezone
+
+    from conformance import scheduled_more
+    from packmule._model.scheduled import DECLARED
+    from packmule.scheduling import Scheduler
+
+    key = "Crashy.tick"
+    now = [datetime(2033, 3, 1, 8, 0, 0, 500_000, tzinfo=timezone.utc)]
+    ledger = stack.backend.ledger
+    raw, token = ledger.read(f"schedule:{key}:last")
+    if raw is not None:
+        ledger.swap(f"schedule:{key}:last", token, None, 0)
+    scheduler = Scheduler(stack.backend, {key: DECLARED[key]}, clock=lambda: now[0])
+    scheduler.run_pass()  # (first sight: the schedule is noted for the dashboard; nothing fires)
+    # Given the schedules page open on a schedule that has not fired yet
+    browser.get(stack.url + "/schedules")
+    row = f'table#schedules tr.schedule[data-key="{key}"]'
+    wait_until(browser, lambda: text_of(browser, row + " .kind") == "every 1s", f"the schedules page lists {key}")
+    mark_page(browser)
+    # When its next tick fires
+    now[0] += timedelta(seconds=1)
+    scheduler.run_pass()
+    (run,) = scheduler.queued
+    scheduled_more.Crashy(run, backend=stack.backend).wait(timeout=WAIT)
+    # Then, without a reload, the page shows the tick, its run complete, and one more fired
+    wait_until(browser, lambda: text_of(browser, row + " .run") == f"{run} 1.0 / 1.0",
+               f"the schedules page to show {run} complete")
+    assert text_of(browser, row + " .last") == "2033-03-01T08:00:01+00:00"
+    assert int(text_of(browser, row + " .fired")) >= 1
+    link = browser.find_element("css selector", row + " .run a")
+    assert link.get_attribute("href").endswith("/runs/" + run.replace(":", "%3A"))
+    assert page_was_not_reloaded(browser)

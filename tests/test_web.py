@@ -268,7 +268,8 @@ def test_forget_removes_the_run(local):
 # --- the token ---------------------------------------------------------------------------------------------
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 PROTECTED = ["/", "/runs/{name}", "/workers", "/queue", "/api/runs", "/api/runs/{name}",
-             "/api/runs/{name}/events", "/api/workers", "/api/queue", "/metrics", "/static/progress.js"]
+             "/api/runs/{name}/events", "/api/workers", "/api/queue", "/metrics", "/static/progress.js",
+             "/schedules", "/api/schedules"]
 
 
 def test_with_a_token_every_page_api_call_stream_and_metrics_needs_it(local):
@@ -475,3 +476,46 @@ def test_importing_packmule_imports_nothing_of_the_web_extra():
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0, done.stderr
+
+
+# --- schedules and delayed jobs -------------------------------------------------------------------------------
+def test_api_schedules_lists_a_schedule_with_its_last_tick_its_run_and_the_metrics_count_its_ticks(harness, dashboard):
+    from datetime import datetime, timedelta, timezone
+
+    from conformance import scheduled_more
+    from packmule._model.scheduled import DECLARED
+    from packmule.scheduling import Scheduler
+
+    key = "Crashy.tick"
+    clock_now = [datetime(2032, 6, 1, 12, 0, 0, 500_000, tzinfo=timezone.utc)]
+    scheduler = Scheduler(harness.backend, {key: DECLARED[key]}, clock=lambda: clock_now[0])
+    ledger = harness.backend.ledger
+    raw, token = ledger.read(f"schedule:{key}:last")
+    if raw is not None:
+        ledger.swap(f"schedule:{key}:last", token, None, 0)
+    scheduler.run_pass()  # (first sight: it notes the schedule in the store, for the dashboard)
+    clock_now[0] += timedelta(seconds=1)
+    scheduler.run_pass()
+    (run_name,) = scheduler.queued
+    assert run_name == "Crashy.tick:20320601T120001Z"
+    scheduled_more.Crashy(run_name, backend=harness.backend).wait(timeout=WAIT)
+    (entry,) = [e for e in dashboard.get("/api/schedules").json() if e["key"] == key]
+    assert entry["kind"] == "every 1s" and entry["misfire"] == "skip"
+    assert entry["last_tick"] == "2032-06-01T12:00:01+00:00" and entry["last_run"] == run_name
+    assert entry["state"] == "1.0 / 1.0" and entry["fired"] >= 1
+    assert datetime.fromisoformat(entry["next"]) > datetime.now(timezone.utc)
+    fired = {s.labels["schedule"]: s.value for f in text_string_to_metric_families(dashboard.get("/metrics").text)
+             for s in f.samples if s.name == "packmule_schedule_ticks_fired_total"}
+    assert fired[key] == entry["fired"]
+
+
+def test_api_run_shows_how_many_delayed_jobs_have_not_run_yet(harness, dashboard):
+    from conformance.runners import Timed
+
+    runner = Timed(f"web-{uuid.uuid4().hex[:10]}", backend=harness.backend)
+    runner.enqueue_each("echo", range(3), delay=1.5)
+    runner.enqueue("echo", "now")
+    assert run_json(dashboard, runner.name)["delayed"] == 3
+    runner.wait(timeout=WAIT)
+    data = run_json(dashboard, runner.name)
+    assert data["delayed"] == 0 and data["progress"] == "4.0 / 4.0"

@@ -61,7 +61,8 @@ class Enqueuer:
         # a bundle must be one block of paths (one server): a bulk call takes a
         # range wide enough to start at a multiple of BUNDLE; the gap is unused
         span = 1 if jobs == 1 else jobs + BUNDLE - 1
-        gen = self._pm_gen or state.start_or_join(first_fields(digest, runner_blob, jobs, span),
+        held = jobs if timing[1] else 0  # (jobs that wait for their time: counted in `held` until done)
+        gen = self._pm_gen or state.start_or_join(first_fields(digest, runner_blob, jobs, span, held),
                                                   fresh_only=self._pm_fresh_only)
         p = prefix(self.name, gen)
         stored = (id(backend.store), gen, digest)
@@ -71,7 +72,7 @@ class Enqueuer:
         if len(_stored_blobs) >= 4096:
             _stored_blobs.clear()  # (forgetting costs one add the next time)
         _stored_blobs.add(stored)
-        last = span if state.created else self._take_paths(backend, p, span, jobs)
+        last = span if state.created else self._take_paths(backend, p, span, jobs, held)
         self._pm_gen = gen
         _choice.note_run(self.name, gen)  # (packmule.testing's join watches the runs a test queued)
         first_free = last - span
@@ -85,7 +86,7 @@ class Enqueuer:
             puts += pack(signer, first, blob, size, lambda chunk=chunk: expand(chunk))  # type: ignore[misc]
             paths += map(str, range(start, start + size))
         marks = {} if state.created else {p + field: value for field, value in marks_of(first_free, base, jobs, last)}
-        self._put(backend, state, p, marks, by_server)
+        self._put(backend, state, p, marks, by_server, bool(held))
         head = f"{self.name}/{gen}/"
         refs = []
         for i, size in enumerate(sizes):
@@ -103,10 +104,14 @@ class Enqueuer:
             limit, whose = _config.state_ttl(), "the lifetime of a run's state (PACKMULE_STATE_TTL)"
         return check_priority(priority), due_time(delay, at, limit, whose)
 
-    def _take_paths(self, backend: Backend, p: str, span: int, jobs: int) -> int:
-        """Count ``jobs`` in the run's ``total`` and take ``span`` paths from its
-        ``seq``, in one bulk incr; the last path taken, plus one."""
-        counters = backend.store.incr_many({p + "seq": span, p + "total": jobs})
+    def _take_paths(self, backend: Backend, p: str, span: int, jobs: int, held: int) -> int:
+        """Count ``jobs`` in the run's ``total`` (and ``held`` of them in its
+        ``held``) and take ``span`` paths from its ``seq``, in one bulk incr; the
+        last path taken, plus one."""
+        counts = {p + "seq": span, p + "total": jobs}
+        if held:
+            counts[p + "held"] = held
+        counters = backend.store.incr_many(counts)
         last = counters.get(p + "seq")
         if last is None or counters.get(p + "total") is None:
             self._pm_gen = None
@@ -115,7 +120,7 @@ class Enqueuer:
         return last
 
     def _put(self, backend: Backend, state: RunState, p: str, marks: dict[str, bytes],
-             by_server: dict[str, tuple[list[Put], list[str]]]) -> None:
+             by_server: dict[str, tuple[list[Put], list[str]]], held: bool = False) -> None:
         """Queue the puts of an outside enqueue, server by server (their preferred
         servers: ``put_many`` fails over to another that is up, and raises only
         when none would take them), its jobs counted in ``total`` already.  If a
@@ -139,7 +144,7 @@ class Enqueuer:
                 void = state.signer.dumps(VOID)
                 voided = backend.store.add_many({p + "v:" + path: void for path in lost}, state.ttl)
                 if voided:
-                    backend.store.incr_many({p + "total": -len(voided)})
+                    backend.store.incr_many({p + "total": -len(voided), **({p + "held": -len(voided)} if held else {})})
             except Exception as undo:
                 exc.add_note(f"packmule could not take back the count of the {len(lost)} jobs not queued "
                              f"({undo!r}): run {self.name!r} will not complete; forget() it")
@@ -189,8 +194,9 @@ def marks_of(first_free: int, base: int, jobs: int, last: int) -> list[tuple[str
     return marks
 
 
-def first_fields(digest: str, runner_blob: bytes, jobs: int, span: int) -> dict[str, bytes | int]:
+def first_fields(digest: str, runner_blob: bytes, jobs: int, span: int, held: int = 0) -> dict[str, bytes | int]:
     """What a generation that an outside enqueue makes is made with: the runner's
     blob, and that enqueue's counts and marks (its paths start at 0), so that it
     is counted from its first moment, and needs no incr or add after it."""
-    return {BLOB_FIELD + digest: runner_blob, "seq": span, "total": jobs, **dict(marks_of(0, 0, jobs, span))}
+    return {BLOB_FIELD + digest: runner_blob, "seq": span, "total": jobs, "held": held,
+            **dict(marks_of(0, 0, jobs, span))}

@@ -106,7 +106,7 @@ class RunState:
                     break
             p = prefix(self.name, gen)
             items: dict[str, bytes | int] = {p + "total": 0, p + "done": 0, p + "failed": 0, p + "seq": 0,
-                                             p + "wake": b""}  # (a waiting driver arms it: _model/wake.py)
+                                             p + "held": 0, p + "wake": b""}  # (wake: _model/wake.py)
             items.update((p + field, value) for field, value in (fields or {}).items())
             try:
                 self.store.add_many(spill_values(self.store, self.signer, items, self.ttl), self.ttl)

@@ -42,6 +42,7 @@ class RunInfo:
     complete: bool
     rate: float | None  # jobs per second, recently
     eta: float | None  # seconds to go at that rate; 0.0 once complete
+    delayed: int = 0  # jobs queued with a delay (delay=, at=) that have not run yet
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +119,7 @@ class Watcher:
     def _infos(self, entries: Sequence[tuple[str, str, float | None]]) -> list[RunInfo]:
         if not entries:
             return []
-        fields = ("total", "done", "failed", "cancel", "t")
+        fields = ("total", "done", "failed", "cancel", "t", "held")
         keys = [prefix(name, gen) + f for name, gen, _ in entries for f in fields]
         got = self.store.get_many(keys)
         idle: bool | None = None
@@ -145,7 +146,7 @@ class Watcher:
             rate = self._rate(name, gen, now, done, started, complete)
             eta = 0.0 if complete else ((total - done) / rate if rate else None)
             out.append(RunInfo(name, gen, started, done, total, failed, f"{float(done)} / {float(total)}", state,
-                               complete, rate, eta))
+                               complete, rate, eta, int(got.get(p + "held") or 0)))
         return out
 
     def _queue_idle(self) -> bool:

@@ -65,7 +65,7 @@ PATH_RE = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,9}){0,200}\Z")
 
 # A run generation's fields, each named once: forget() deletes what these name,
 # and the conformance suite tries a colliding run name against every one of them.
-RUN_FIELDS = ("total", "done", "failed", "seq", "root", "cancel", "t", "next", "wake")
+RUN_FIELDS = ("total", "done", "failed", "seq", "root", "cancel", "t", "next", "wake", "held")
 COUNTERS = ("done", "total", "failed")  # (the order progress_of reads them in)
 PATH_FIELDS = ("v:", "cm:", "n:", "spec:", "try:", "gap:")  # + a job's path
 FAILED_FIELD = "f:"  # + the failure's number, 1, 2, ...

@@ -197,6 +197,9 @@ class Committer:
             if o.ctx is not None and o.ctx.children and key in won:
                 won.discard(key)  # a job twice in one batch counts once
                 c.deltas[o.p + "total"] += len(o.ctx.children)
+                held = sum(1 for child in o.ctx.children if child.due)
+                if held:
+                    c.deltas[o.p + "held"] += held
                 c.counted[key] = _recovery.mark(o.ctx.position)
         handed = self._handed(won, valued)
         for key, o in valued:
@@ -209,6 +212,8 @@ class Committer:
             failed = o.record[0] == "err"
             if o.spec is None:  # a job: it finishes itself
                 finished[p] += 1
+                if t.due:  # (a delayed job is no longer held)
+                    c.deltas[p + "held"] -= 1
                 if failed:
                     c.failed_paths[p].append(t.path)
                 watchers: Sequence[tuple[str, int]] = t.watchers

@@ -72,6 +72,7 @@ def child_main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the running batch, then exit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C means
+    threading.Thread(target=_orphaned, args=(os.getppid(), stop), daemon=True, name="packmule-orphan").start()
     deadline_file = os.environ.pop(DEADLINE_VAR, "")
     if deadline_file:
         Watchdog.report = DeadlineBoard(deadline_file).write
@@ -93,6 +94,16 @@ def child_main(argv: list[str]) -> int:
             stop.wait(delay)
             delay = min(delay * 2, MAX_BACKOFF)
     return 0
+
+
+def _orphaned(parent: int, stop: threading.Event) -> None:
+    """A worker process whose supervisor is gone (killed with SIGKILL: it could
+    not stop its children) finishes its running batch and exits, instead of
+    serving on with nobody to stop it."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            log.warning("the supervisor (pid %d) is gone: finishing the running batch, then exiting", parent)
+            stop.set()
 
 
 class DeadlineBoard:

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from packmule._core import config as _config
 from packmule._driver.watcher import RunInfo, Watcher
 from packmule._model.keys import NAME_RE
+from packmule.scheduling import published
 from packmule.web import _pages
 from packmule.web._metrics import exposition
 from packmule.web._security import Guard
@@ -170,6 +171,15 @@ class _Views:
         states = await self.call("servers")
         return _json([_stats(state) for state in states])
 
+    async def schedules(self, request: Request) -> Response:
+        """Each schedule the schedulers noted, with its next fire time, its last
+        tick, that run's state and its totals (the tick runs this request may not view: their names hidden)."""
+        out = await run_in_threadpool(published, self.watcher().backend)
+        for entry in out:
+            if entry["last_run"] is not None and not await self.allowed(request, entry["last_run"], "view"):
+                entry["last_run"], entry["state"] = None, "hidden"
+        return _json(out)
+
     async def prometheus(self, request: Request) -> Response:
         body = await run_in_threadpool(self.metrics)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8",
@@ -211,6 +221,7 @@ def create_app(watcher: Watcher | None = None, *, token: str | None = None, allo
         Route("/runs/{name}", views.run_page),
         Route("/workers", views.page_of("workers")),
         Route("/queue", views.page_of("queue")),
+        Route("/schedules", views.page_of("schedules")),
         Route("/api/runs", views.runs),
         Route("/api/runs/{name}", views.run),
         Route("/api/runs/{name}/events", views.events),
@@ -218,6 +229,7 @@ def create_app(watcher: Watcher | None = None, *, token: str | None = None, allo
         Route("/api/workers", views.workers),
         Route("/api/queue", views.queue),
         Route("/api/servers", views.servers),
+        Route("/api/schedules", views.schedules),
         Route("/metrics", views.prometheus),
         Route("/static/progress.js", _progress_js),
     ]

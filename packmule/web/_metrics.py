@@ -13,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from packmule.scheduling import published
+
 if TYPE_CHECKING:
     from packmule._driver.watcher import Watcher
 
@@ -59,6 +61,19 @@ class PackmuleCollector(Collector):
             buckets.append(("+Inf", m.duration_count))
         yield HistogramMetricFamily("packmule_job_duration_seconds", "Time jobs took to run",
                                     buckets=buckets, sum_value=m.duration_sum)
+        yield from _ticks(self.watcher().backend)
+
+
+def _ticks(backend: Any) -> Iterator[Metric]:
+    """Each schedule's ticks fired, skipped (its misfire policy) and late, all schedulers."""
+    families = {kind: CounterMetricFamily(f"packmule_schedule_ticks_{kind}", text, labels=["schedule"])
+                for kind, text in (("fired", "Ticks of a schedule fired (their run queued)"),
+                                   ("skipped", "Ticks of a schedule skipped by its misfire policy"),
+                                   ("late", "Ticks fired later than their grace"))}
+    for entry in published(backend):
+        for kind, family in families.items():
+            family.add_metric([entry["key"]], entry[kind])
+    yield from families.values()
 
 
 def exposition(watcher: Callable[[], Watcher]) -> Callable[[], bytes]:

@@ -129,6 +129,7 @@ RUN_BODY = """
 &nbsp; <b id="state"></b></p>
 <dl><dt>generation</dt><dd id="generation"></dd><dt>started</dt><dd id="started"></dd>
 <dt>done</dt><dd id="done"></dd><dt>total</dt><dd id="total"></dd><dt>failed</dt><dd id="failed"></dd>
+<dt>delayed, not run yet</dt><dd id="delayed"></dd>
 <dt>rate</dt><dd id="rate"></dd><dt>ETA</dt><dd id="eta"></dd><dt>value</dt><dd><code id="value"></code></dd></dl>
 <p><button id="cancel" type="button">Cancel</button> <button id="forget" type="button">Forget</button>
 <span id="action"></span></p>
@@ -169,7 +170,7 @@ const refresh = every(1000, async () => {
   set(document, '#progress-text', run.progress);
   set(document, '#state', run.state);
   $('#state').className = 'state ' + run.state;
-  for (const k of ['generation', 'done', 'total', 'failed']) set(document, '#' + k, run[k]);
+  for (const k of ['generation', 'done', 'total', 'failed', 'delayed']) set(document, '#' + k, run[k]);
   set(document, '#started', clock(run.started_at));
   set(document, '#rate', rate(run.rate));
   set(document, '#eta', run.complete ? '' : duration(run.eta));
@@ -283,8 +284,46 @@ every(1000, async () => {
 });
 """
 
+SCHEDULES_BODY = """
+<h1>Schedules</h1>
+<table id="schedules"><thead><tr><th>schedule</th><th>when</th><th>misfire</th><th>next fire</th>
+<th>last tick</th><th>its run</th><th class="num">fired</th><th class="num">skipped</th><th class="num">late</th>
+</tr></thead><tbody></tbody></table>
+"""
+
+SCHEDULES_JS = r"""
+const tbody = $('#schedules tbody');
+function makeSchedule(s) {
+  const tr = document.createElement('tr');
+  tr.className = 'schedule';
+  tr.dataset.key = s.key;
+  cells(tr, ['name', 'kind', 'misfire', 'next', 'last', 'run', 'fired num', 'skipped num', 'late num']);
+  $('.name', tr).textContent = s.key;
+  return tr;
+}
+function updateSchedule(tr, s) {
+  for (const k of ['kind', 'misfire', 'next', 'fired', 'skipped', 'late']) set(tr, '.' + k, s[k]);
+  set(tr, '.last', s.last_tick || '');
+  const run = $('.run', tr);
+  if (s.last_run && run.dataset.name !== s.last_run + s.state) {
+    run.dataset.name = s.last_run + s.state;
+    run.textContent = '';
+    const a = document.createElement('a');
+    a.href = ROOT + '/runs/' + encodeURIComponent(s.last_run);
+    a.textContent = s.last_run;
+    run.append(a, ' ' + s.state);
+  } else if (!s.last_run) {
+    set(tr, '.run', s.state);
+  }
+}
+every(1000, async () => {
+  syncRows(tbody, (await getJSON('/api/schedules')) || [], s => s.key, makeSchedule, updateSchedule);
+});
+"""
+
 PAGES = {"runs": ("Runs", RUNS_BODY, RUNS_JS), "run": ("Run", RUN_BODY, RUN_JS),
-         "workers": ("Workers", WORKERS_BODY, WORKERS_JS), "queue": ("Queue", QUEUE_BODY, QUEUE_JS)}
+         "workers": ("Workers", WORKERS_BODY, WORKERS_JS), "queue": ("Queue", QUEUE_BODY, QUEUE_JS),
+         "schedules": ("Schedules", SCHEDULES_BODY, SCHEDULES_JS)}
 
 
 def _js_string(value: str) -> str:
@@ -299,7 +338,8 @@ def _attr(value: str) -> str:
 def render(page: str, root: str, name: str = "") -> str:
     """The HTML of ``page`` ('runs', 'run', 'workers', 'queue') mounted at ``root``."""
     title, body, script = PAGES[page]
-    links = [("runs", "/", "Runs"), ("workers", "/workers", "Workers"), ("queue", "/queue", "Queue")]
+    links = [("runs", "/", "Runs"), ("workers", "/workers", "Workers"), ("queue", "/queue", "Queue"),
+             ("schedules", "/schedules", "Schedules")]
     nav = "".join(f'<a href="{_attr(root + path)}"{" class=here" if key == page else ""}>{label}</a>'
                   for key, path, label in links)
     heading = f"{title} {name}".strip()

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any
 
 from packmule._core.errors import BackendUnavailable
 from packmule._driver.run_state import RunExists
@@ -45,7 +45,7 @@ from packmule._model.schedule import Schedule, due, tick_name
 from packmule._model.scheduled import DECLARED
 from packmule.backends.base import Backend, Registers
 
-__all__ = ["LEASE", "Scheduler", "SchedulerStats", "ScheduleView", "schedules_view"]
+__all__ = ["LEASE", "Scheduler", "SchedulerStats", "publish", "published", "totals"]
 
 log = logging.getLogger("packmule")
 
@@ -54,6 +54,9 @@ POLL = 0.25  # s at most between a scheduler's passes (it wakes at the next tick
 RECHECK = 64  # newest ticks after `last` whose claims a pass looks at (a claimer that died leaves one)
 CLAIM_TTL = 8 * 24 * 3600.0  # s a claim is kept (ticks older than `last` are never considered again)
 LAST_TTL = 0.0  # the ledger's longest (re-written at every tick)
+PUBLISH_EVERY = 5.0  # s between a scheduler's notes of its schedules in the store (for the dashboard)
+FORGET_AFTER = 3600.0  # s after which a schedule no scheduler has noted leaves the dashboard
+INDEX_KEY = "pm-sched:index"
 
 
 class SchedulerStats:
@@ -116,6 +119,7 @@ class Scheduler:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._counted: set[str] = set()
+        self._published_at = -PUBLISH_EVERY
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -151,9 +155,14 @@ class Scheduler:
         return POLL if soonest is None else max(0.0, min(POLL, (soonest - now).total_seconds()))
 
     def run_pass(self) -> None:
-        """One look at every schedule: fire what is due."""
+        """One look at every schedule: fire what is due (and now and then say
+        what this process schedules, for the dashboard: ``publish``)."""
         for key, (cls, schedule) in self.schedules.items():
             self._pass_one(key, cls, schedule, self.clock())
+        if time.monotonic() >= self._published_at + PUBLISH_EVERY:
+            self._published_at = time.monotonic()
+            with contextlib.suppress(BackendUnavailable):
+                publish(self.backend, self.schedules)
 
     # --- one schedule ------------------------------------------------------------
     def _pass_one(self, key: str, cls: type, schedule: Schedule, now: datetime) -> None:
@@ -243,110 +252,58 @@ class Scheduler:
         return True
 
 
-class ScheduleView(NamedTuple):
-    """One schedule as ``packmule schedules``, the dashboard and the API show it."""
-
-    key: str
-    kind: str  # 'every 5s' | 'cron 30 2 * * * (Europe/Berlin)'
-    misfire: str
-    next_fire: datetime
-    last_tick: datetime | None
-    last_run: str | None  # the last tick's run name
-    state: str  # that run's progress, or '' (none yet), or why it cannot be read
+def _describe(schedule: Schedule) -> str:
+    if schedule.interval is not None:
+        return f"every {int(schedule.interval.total_seconds())}s"
+    return f"cron {schedule.expr} ({schedule.tz})"
 
 
-def schedules_view(backend: Backend, schedules: Mapping[str, tuple[type, Schedule]] | None = None,
-                   now: datetime | None = None) -> list[ScheduleView]:
-    """Each schedule: its next fire time, its last tick and that run's state."""
-    now = now or datetime.now(timezone.utc)
-    ledger = ledger_of(backend)
-    out = []
-    for key, (cls, schedule) in sorted((schedules if schedules is not None else DECLARED).items()):
-        assert schedule.method is not None
-        kind = (f"every {int(schedule.interval.total_seconds())}s" if schedule.interval is not None
-                else f"cron {schedule.expr} ({schedule.tz})")
-        raw = ledger.read(last_key(key))[0]
-        last = _when(raw) if raw is not None else None
-        run, state = None, ""
-        if last is not None and last.timestamp() > 0:
-            run = tick_name(cls.__qualname__, schedule.method, last)
-            try:
-                runner: Any = cls(run)
-                runner._pm_init(backend)
-                state = str(runner.update_progress()) if runner._gen() is not None else "not fired"
-            except Exception as exc:
-                state = f"unreadable: {exc}"
-        out.append(ScheduleView(key, kind, schedule.misfire, schedule.next_after(now), last, run, state))
+def publish(backend: Backend, schedules: Mapping[str, tuple[type, Schedule]]) -> None:
+    """Note in the store what this process schedules: ``INDEX_KEY`` holds a JSON
+    object {key: {kind, misfire, seen}} that every scheduler merges its own into
+    (a race loses a note until the next, ``PUBLISH_EVERY`` s later), so that a
+    dashboard, which imports no user code, can list the schedules."""
+    import json
+
+    now = time.time()
+    raw = backend.store.get_many([INDEX_KEY]).get(INDEX_KEY)
+    index: dict[str, Any] = json.loads(raw) if raw else {}
+    index = {key: entry for key, entry in index.items() if now - entry.get("seen", 0) < FORGET_AFTER}
+    for key, (cls, schedule) in schedules.items():
+        index[key] = {"class": cls.__qualname__, "method": schedule.method, "kind": _describe(schedule),
+                      "misfire": schedule.misfire, "seen": now, "spec": _spec(schedule)}
+    backend.store.set_many({INDEX_KEY: json.dumps(index, sort_keys=True).encode()}, FORGET_AFTER)
+
+
+def _spec(schedule: Schedule) -> dict[str, Any]:
+    if schedule.interval is not None:
+        return {"every": schedule.interval.total_seconds()}
+    return {"cron": schedule.expr, "tz": str(schedule.tz)}
+
+
+def published(backend: Backend) -> list[dict[str, Any]]:
+    """The schedules the schedulers of ``backend`` noted (``publish``), each with its
+    next fire time, its last tick, that run's progress, and its totals."""
+    import json
+
+    from packmule._driver.runner import Runner
+    from packmule._model.schedule import cron, every
+
+    raw = backend.store.get_many([INDEX_KEY]).get(INDEX_KEY)
+    index: dict[str, Any] = json.loads(raw) if raw else {}
+    counted = totals(backend, list(index))
+    ledger, now, out = ledger_of(backend), datetime.now(timezone.utc), []
+    for key, entry in sorted(index.items()):
+        spec = entry["spec"]
+        schedule = every(seconds=spec["every"]) if "every" in spec else cron(spec["cron"], tz=spec["tz"])
+        raw_last = ledger.read(last_key(key))[0]
+        last = _when(raw_last) if raw_last is not None else None
+        run = tick_name(entry["class"], entry["method"], last) if last is not None else None
+        state = ""
+        if run is not None:
+            reader = Runner(run, backend=backend)
+            state = str(reader.update_progress()) if reader._gen() is not None else "not fired"
+        out.append({"key": key, "kind": entry["kind"], "misfire": entry["misfire"],
+                    "next": schedule.next_after(now).isoformat(), "last_tick": last.isoformat() if last else None,
+                    "last_run": run, "state": state, **counted[key]})
     return out
-
-
-# --- the faces: packmule.run_schedules, `packmule scheduler`, `packmule worker`, `packmule schedules` ------------
-def run_schedules(backend: Backend | str | None = None) -> Scheduler:
-    """Fire, in a daemon thread of this process, every schedule of the Runner
-    classes defined so far, until the process ends (or ``.stop()``).  On the
-    local backend this is how schedules run: in the program that uses it."""
-    from packmule.backends import _choice
-
-    chosen = backend if isinstance(backend, Backend) else _choice.get_backend(backend)
-    return Scheduler(chosen).start()
-
-
-def imported(modules: list[str]) -> dict[str, tuple[type, Schedule]]:
-    """Import ``modules`` (``--import``); the schedules declared so far."""
-    import importlib
-
-    for module in modules:
-        importlib.import_module(module)
-    return dict(DECLARED)
-
-
-def scheduler_main(modules: list[str]) -> int:
-    """``packmule scheduler``: fire the schedules of ``modules`` until SIGTERM or SIGINT."""
-    import signal
-
-    from packmule.backends import _choice
-
-    declared = imported(modules)
-    if not declared:
-        log.error("no schedules: none of %s declares one (packmule.every, packmule.cron)", modules or "(no --import)")
-        return 2
-    scheduler = Scheduler(_choice.get_backend(), declared)
-    signal.signal(signal.SIGTERM, lambda *_: scheduler._stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        scheduler.serve()
-    return 0
-
-
-def worker_schedules(modules: list[str]) -> Scheduler | None:
-    """What ``packmule worker`` runs beside its worker processes (unless
-    ``--no-schedules``): a scheduler of the schedules its ``--import`` modules
-    declare, on a cluster backend.  (On ``local`` the backend lives in the program
-    that uses it: schedules run there, ``run_schedules``.)"""
-    if not modules or (os.environ.get("PACKMULE_BACKEND") or "local") == "local":
-        return None
-    declared = imported(modules)
-    if not declared:
-        return None
-    from packmule.backends import _choice
-
-    return Scheduler(_choice.get_backend(), declared).start()
-
-
-def print_schedules(modules: list[str]) -> int:
-    """``packmule schedules``: each schedule of ``modules`` with its next fire
-    time, its last tick and that run's state."""
-    from packmule.backends import _choice
-
-    declared = imported(modules)
-    if not declared:
-        print("no schedules (give the modules that declare them with --import)")
-        return 0
-    backend = _choice.get_backend()
-    views = schedules_view(backend, declared)
-    counted = totals(backend, [v.key for v in views])
-    for v in views:
-        last = v.last_tick.isoformat() if v.last_tick else "-"
-        c = counted[v.key]
-        print(f"{v.key}  {v.kind}  misfire={v.misfire}  next {v.next_fire.isoformat()}  last {last}  "
-              f"{v.last_run or ''} {v.state}  (fired {c['fired']}, skipped {c['skipped']}, late {c['late']})")
-    return 0
