@@ -236,20 +236,31 @@ class Scheduler:
         return f"claimed {self.owner} {time.time():.3f}".encode()
 
     def _queue(self, key: str, cls: type, schedule: Schedule, tick: datetime) -> bool:
-        """Queue the tick's root job in its own run; False if that run exists already."""
+        """Queue the tick's root job in its own run; False if that run exists
+        already, with its job counted.  A run that exists with nothing counted
+        was made by an earlier attempt whose put failed (its job taken back:
+        should the put have queued it after all, it finds its value taken and
+        does not run): it is forgotten and made afresh."""
         assert schedule.method is not None
         name = tick_name(cls.__qualname__, schedule.method, tick)
-        runner: Any = cls(name)  # (a scheduled class is built with its run name alone)
-        runner._pm_init(self.backend)
-        runner._pm_fresh_only = True
-        try:
-            runner.enqueue(schedule.method)
-        except RunExists:
-            log.info("schedule %s: the run %s was queued already", key, name)
-            return False
-        log.info("schedule %s: queued %s", key, name)
-        self.queued.append(name)
-        return True
+        for attempt in range(2):
+            runner: Any = cls(name)  # (a scheduled class is built with its run name alone)
+            runner._pm_init(self.backend)
+            runner._pm_fresh_only = True
+            try:
+                runner.enqueue(schedule.method)
+            except RunExists:
+                if attempt or runner.update_progress().total:
+                    log.info("schedule %s: the run %s was queued already", key, name)
+                    return False
+                log.warning("schedule %s: the run %s holds no job (an earlier put failed): queueing it afresh",
+                            key, name)
+                runner.forget()
+                continue
+            log.info("schedule %s: queued %s", key, name)
+            self.queued.append(name)
+            return True
+        return False
 
 
 def _describe(schedule: Schedule) -> str:
