@@ -44,7 +44,7 @@ def test_packmule_schedules_lists_the_next_fire_the_last_tick_and_its_runs_state
                           env=env, capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0, done.stderr
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("Beat.beat ")]
-    assert "every 1s" in line and "misfire=skip" in line and "last 2034-05-01T09:00:01+00:00" in line
+    assert "every 1s" in line and "misfire=all" in line and "last 2034-05-01T09:00:01+00:00" in line
     assert f"{run} 1.0 / 1.0" in line and "(fired 1," in line
     next_fire = datetime.fromisoformat(line.split("next ")[1].split()[0])
     assert next_fire > datetime.now(timezone.utc) - timedelta(seconds=5)
