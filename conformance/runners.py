@@ -230,6 +230,9 @@ class Gated(packmule.Runner):
             time.sleep(0.02)
         return i
 
+    def collect(self, values: list[Any]) -> list[Any]:
+        return values
+
 
 class Timed(packmule.Runner):
     """Jobs that note when they started (``time.time()``: one clock for every

@@ -19,7 +19,7 @@ from packmule._transport.spill import spill_values
 from packmule._transport.wire import shard
 from packmule.backends.base import Backend
 
-__all__ = ["RunExists", "RunState", "current_gen", "new_gen", "progress_of", "ref_for"]
+__all__ = ["RunExists", "RunState", "alerts_of", "counters_gone", "current_gen", "new_gen", "progress_of", "ref_for"]
 
 
 def new_gen() -> str:
@@ -133,10 +133,7 @@ class RunState:
         keys = self.counter_keys(gen)
         got = progress_of(keys, self.store.get_many(keys))
         if got is None and not missing_ok:
-            raise RunStateLost(
-                f"run {self.name!r} (generation {gen}): its counters are gone from the store "
-                "(restarted, evicted, or forgotten); the run cannot complete"
-            )
+            raise counters_gone(self.name, gen)
         return got
 
     def counter_keys(self, gen: str) -> list[str]:
@@ -152,13 +149,12 @@ class RunState:
     def alerts(self, gen: str) -> tuple[bool, tuple[float, str] | None]:
         """In one read: whether the run is cancelled, and when workers last refused
         a job signed with this process's secret (with the key id of theirs)."""
-        cancel, rejected = prefix(self.name, gen) + "cancel", rejected_key(self.signer.key_id.hex())
-        got = self.store.get_many([cancel, rejected])
-        note = None
-        if rejected in got:
-            when, _, theirs = got[rejected].decode("ascii", "replace").partition(" ")
-            note = (float(when), theirs)
-        return cancel in got, note
+        cancel, rejected = self.alert_keys(gen)
+        return alerts_of(self.store.get_many([cancel, rejected]), cancel, rejected)
+
+    def alert_keys(self, gen: str) -> tuple[str, str]:
+        """The keys ``alerts`` reads: the run's cancel flag, and this secret's refusals."""
+        return prefix(self.name, gen) + "cancel", rejected_key(self.signer.key_id.hex())
 
     def root_path(self, gen: str) -> str | None:
         key = prefix(self.name, gen) + "root"
@@ -172,6 +168,21 @@ class RunState:
 def self_unavailable(name: str) -> BackendUnavailable:
     return BackendUnavailable(f"run {name!r}: three store servers in a row failed while its new generation "
                               "was being made; see the warnings logged for each")
+
+
+def alerts_of(got: Mapping[str, bytes], cancel: str, rejected: str) -> tuple[bool, tuple[float, str] | None]:
+    """What a bulk get of ``RunState.alert_keys`` says: cancelled, and the last refusal (when, their key id)."""
+    note = None
+    if rejected in got:
+        when, _, theirs = got[rejected].decode("ascii", "replace").partition(" ")
+        note = (float(when), theirs)
+    return cancel in got, note
+
+
+def counters_gone(name: str, gen: str) -> RunStateLost:
+    """The error of a wait that finds the run's counters gone."""
+    return RunStateLost(f"run {name!r} (generation {gen}): its counters are gone from the store "
+                        "(restarted, evicted, or forgotten); the run cannot complete")
 
 
 def current_gen(backend: Backend, name: str) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from packmule._core import config as _config
@@ -22,7 +22,7 @@ from packmule._model.records import GONE, records, unwrap
 from packmule._model.wake import arm
 from packmule.backends.base import Backend, QueueStats
 
-__all__ = ["Waited", "Waiter", "Waits"]
+__all__ = ["CHECK_EVERY", "Spawned", "Waited", "Waiter", "Waits", "in_thread"]
 
 log = logging.getLogger("packmule")
 
@@ -36,6 +36,25 @@ RECOUNT_AFTER_MAX = 300.0  # s: the longest a wait goes without progress before 
 ARM_AFTER = 0.004  # s a wait polls before it arms a wake and blocks until a worker wakes it
 LOOK_EVERY = 0.25  # s: a wait that blocks still looks this often (a wake lost, another waiter's arm won)
 ARM_SETTLE, SETTLE_POLL = 0.015, 0.003  # s after arming a wait still polls, and how often (3x wake.REREAD_AFTER)
+CHECK_EVERY = 0.5  # s between a wait's checks (cancel, lost state, stalls, no workers)
+
+
+class Spawned(Protocol):
+    """A recount started in the background (``Waiter.spawn``): a thread, or a pool's future."""
+
+    def done(self) -> bool: ...
+
+
+class _Thread(threading.Thread):
+    def done(self) -> bool:
+        return not self.is_alive()
+
+
+def in_thread(fn: Callable[[], object]) -> Spawned:
+    """Run ``fn`` in a daemon thread of its own (how a blocking wait recounts while jobs run)."""
+    thread = _Thread(target=fn, daemon=True, name="packmule-recount")
+    thread.start()
+    return thread
 
 
 class Waited(Protocol):
@@ -154,7 +173,8 @@ class Waiter:
         self.placed_at = self.start  # (when the run's keys were last asked where its remaining jobs are)
         self.done_seen, self.moved_at = -1, self.start  # the run's done count, and when it last changed
         self.recounted_at = self.start  # (a recount that fixes nothing is no move: it only paces the next)
-        self.recounting: threading.Thread | None = None  # (a recount while jobs run: in a thread of its own)
+        self.recounting: Spawned | None = None  # (a recount while jobs run: in a thread of its own)
+        self.spawn: Callable[[Callable[[], object]], Spawned] = in_thread  # (a shared waiter: in its pool)
         self.recount_after = STALLED_AFTER  # s without progress before a recount (doubles while it finds nothing)
         self.armed: tuple[str, int, str] | None = None  # (generation, done count, channel) armed in the wake key
         self.armed_at = 0.0  # (monotonic) when it was armed
@@ -166,6 +186,12 @@ class Waiter:
     def unreachable(self, exc: BackendUnavailable) -> None:
         """A server did not answer: wait for it (workers reconnect too), saying
         so, up to OUTAGE_GRACE seconds; then give up with its error."""
+        self.outage(exc)
+        time.sleep(0.5)
+
+    def outage(self, exc: BackendUnavailable) -> None:
+        """``unreachable`` without its pause (a shared waiter paces itself):
+        note when the outage began, or raise once it lasted OUTAGE_GRACE s."""
         now = time.monotonic()
         if self.outage_since is None:
             self.outage_since = now
@@ -179,7 +205,6 @@ class Waiter:
                     f"has not answered for {OUTAGE_GRACE:.0f}s ({exc}); the run cannot complete. Other runs go on; "
                     "start it again (a new run goes to a server that is up)") from exc
             raise exc
-        time.sleep(0.5)
 
     def pause(self, status: str, until_done: int | None = None) -> None:
         """Wait a while before the caller looks again: poll quickly at first,
@@ -187,9 +212,8 @@ class Waiter:
         block until the worker whose count reaches it wakes this process."""
         now = time.monotonic()
         name = self.runner.name
-        if self.timeout is not None and now - self.start >= self.timeout:
-            raise TimeoutError(f"run {name!r}: waited {self.timeout:g}s for {self.what}; {status}")
-        if now - self.last_check >= 0.5:
+        self.check_deadline(now, status)
+        if now - self.last_check >= CHECK_EVERY:
             self.last_check = now
             try:
                 self._check(now, status)
@@ -203,6 +227,11 @@ class Waiter:
             return
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.poll_max)
+
+    def check_deadline(self, now: float, status: str) -> None:
+        """Raise TimeoutError, saying what the wait waited for, once its timeout passed."""
+        if self.timeout is not None and now - self.start >= self.timeout:
+            raise TimeoutError(f"run {self.runner.name!r}: waited {self.timeout:g}s for {self.what}; {status}")
 
     def _block(self, until_done: int, now: float) -> bool:
         """Arm the run's wake key for ``until_done`` (then the caller looks once
@@ -237,10 +266,8 @@ class Waiter:
         and the wait must still see the run end at once): False here, and what it
         fixes shows as progress."""
         if not quiet:
-            if self.recounting is None or not self.recounting.is_alive():
-                self.recounting = threading.Thread(target=self._recount_now, args=(gen, False), daemon=True,
-                                                   name="packmule-recount")
-                self.recounting.start()
+            if self.recounting is None or self.recounting.done():
+                self.recounting = self.spawn(lambda: self._recount_now(gen, False))
             self.recount_after = min(self.recount_after * 2, RECOUNT_AFTER_MAX)
             self.recounted_at = time.monotonic()
             return False
@@ -285,26 +312,35 @@ class Waiter:
     def _check(self, now: float, status: str) -> None:
         runner = self.runner
         gen = runner._gen()
-        progress = None
+        progress = alerts = None
         if gen is not None:
             state = runner._state()
             progress = state.progress(gen)  # raises RunStateLost
-            assert progress is not None
-            if progress.done != self.done_seen:
-                self.done_seen, self.moved_at, self.recount_after = progress.done, now, STALLED_AFTER
-            cancelled, rejected = state.alerts(gen)
-            if cancelled:
-                raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
-            if rejected is not None and rejected[0] >= self.started_at - REJECTED_BEFORE:
-                raise SecretMismatch(
-                    f"run {runner.name!r} ({status}): workers refused jobs signed by this process "
-                    f"{time.time() - rejected[0]:.0f}s ago because their signature does not match: the workers "
-                    f"have another PACKMULE_SECRET (key id {rejected[1]}; this process's is "
-                    f"{state.signer.key_id.hex()}). Every process, drivers and `packmule worker`s, must share "
-                    "the same PACKMULE_SECRET; the refused jobs are buried. Fix the secret, then forget() the "
-                    "run and queue it again")
-        stats = runner.backend.queue.stats()
-        uncounted = runner.backend.queue.uncounted()  # (down: it may hold jobs of the run, to run once it is back)
+            alerts = state.alerts(gen)
+        queue = runner.backend.queue
+        # (uncounted: servers down now, which may hold jobs of the run, to run once they are back)
+        self.judge(now, status, gen, progress, alerts, queue.stats(), queue.uncounted())
+
+    def judge(self, now: float, status: str, gen: str | None, progress: Progress | None,
+              alerts: tuple[bool, tuple[float, str] | None] | None, stats: QueueStats, uncounted: list[str]) -> None:
+        """The checks of a wait, given what was read for them: the run's generation,
+        progress and alerts (``RunState.alerts``; None without a generation), and the
+        queue's stats and uncounted servers.  Raises Cancelled, SecretMismatch,
+        RunStateLost or NoWorkers; may recount a stalled run."""
+        runner = self.runner
+        if progress is not None and progress.done != self.done_seen:
+            self.done_seen, self.moved_at, self.recount_after = progress.done, now, STALLED_AFTER
+        cancelled, rejected = alerts or (False, None)
+        if cancelled:
+            raise Cancelled(f"run {runner.name!r} was cancelled ({status})")
+        if rejected is not None and rejected[0] >= self.started_at - REJECTED_BEFORE:
+            raise SecretMismatch(
+                f"run {runner.name!r} ({status}): workers refused jobs signed by this process "
+                f"{time.time() - rejected[0]:.0f}s ago because their signature does not match: the workers "
+                f"have another PACKMULE_SECRET (key id {rejected[1]}; this process's is "
+                f"{runner._state().signer.key_id.hex()}). Every process, drivers and `packmule worker`s, must "
+                "share the same PACKMULE_SECRET; the refused jobs are buried. Fix the secret, then forget() the "
+                "run and queue it again")
         if gen is not None and not (stats.ready or stats.reserved or stats.delayed or uncounted):
             self.empty_since = self.empty_since or now
         else:

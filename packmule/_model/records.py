@@ -23,11 +23,13 @@ VOID = ("void",)  # the value of a job whose enqueue failed: it never counts, an
 
 
 def records(
-    store: Store, signer: Signer, ids: Sequence[str], trail: list[str] | None = None
+    store: Store, signer: Signer, ids: Sequence[str], trail: list[str] | None = None,
+    missing: list[str] | None = None,
 ) -> dict[str, tuple[Any, ...]]:
     """Final value records of these job ids, following ``('ref', id)`` to the
     end; ids whose value does not exist yet are left out.  ``trail`` collects
-    the ids passed through on the way (to mark them consumed)."""
+    the ids passed through on the way (to mark them consumed); ``missing``, the
+    value keys found absent where a chain ends (what a wait for them waits for)."""
     pending = {i: i for i in ids}  # asked id -> id whose record we need now
     out: dict[str, tuple[Any, ...]] = {}
     for _ in range(1000):
@@ -39,6 +41,8 @@ def records(
         for key, asked in keys.items():
             raw = got.get(key)
             if raw is None:
+                if missing is not None:
+                    missing.append(key)
                 continue
             rec = signer.loads(raw)
             if rec[0] == "ref":

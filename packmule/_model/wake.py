@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from packmule._core.errors import BackendUnavailable
 from packmule.backends.base import Queue, Store
 
-__all__ = ["MAX_WAKERS", "REREAD_AFTER", "arm", "armed", "crossed", "wake_crossed", "wake_value"]
+__all__ = ["MAX_WAKERS", "REREAD_AFTER", "arm", "arm_many", "armed", "crossed", "wake_crossed", "wake_value"]
 
 REREAD_AFTER = 0.005  # s: a batch longer than this reads its runs' wake keys again before its commit
 MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
@@ -32,10 +32,19 @@ def arm(store: Store, key: str, channel: str, until_done: int, ttl: float) -> No
     """Put a waiting driver's channel and count in the run's wake key, beside those
     of up to MAX_WAKERS - 1 other drivers (a read and a write: two drivers arming
     at once may drop one, which then only looks every ``waiting.LOOK_EVERY``)."""
-    raw = store.get_many([key]).get(key) or b""
-    others = [line for line in raw.split(b"\n") if line and not line.startswith(channel.encode() + b" ")]
-    lines = [*others[-(MAX_WAKERS - 1):], wake_value(channel, until_done)]
-    store.set_many({key: b"\n".join(lines)}, ttl)
+    arm_many(store, {key: until_done}, channel, ttl)
+
+
+def arm_many(store: Store, wants: Mapping[str, int], channel: str, ttl: float) -> None:
+    """``arm`` for several runs' wake keys (key -> the count to wake at), with one
+    bulk read and one bulk write (a shared waiter arms the runs of all its waits)."""
+    got = store.get_many(list(wants))
+    mine = channel.encode() + b" "
+    out = {}
+    for key, until_done in wants.items():
+        others = [line for line in (got.get(key) or b"").split(b"\n") if line and not line.startswith(mine)]
+        out[key] = b"\n".join([*others[-(MAX_WAKERS - 1):], wake_value(channel, until_done)])
+    store.set_many(out, ttl)
 
 
 def armed(got: Mapping[str, bytes], prefixes: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
