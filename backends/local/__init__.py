@@ -35,6 +35,7 @@ from packmule.backends.local.client import ADDRESS_VAR, SECRET_VAR, LocalClient,
 
 from packmule._core.errors import BackendUnavailable
 from packmule._core.fork import forget_at_fork
+from packmule._core.hooks import env_for_workers
 
 __all__ = ["ADDRESS_VAR", "SECRET_VAR", "BackendUnavailable", "LocalBackend", "LocalClient"]
 
@@ -67,6 +68,7 @@ class LocalBackend(Backend):
         self.workers = workers or os.cpu_count() or 1
         self.pid = os.getpid()
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._env: dict[str, str] = {}  # what packmule._core.hooks.WORKER_ENV adds to the workers' environment
         self._closing = threading.Event()
         self._started = False
         self._start_lock = threading.Lock()
@@ -143,13 +145,14 @@ class LocalBackend(Backend):
             return
         with self._start_lock:
             if not self._started:
+                self._env = env_for_workers()  # (a framework's additions: may refuse, raising)
                 self._procs = [self._spawn() for _ in range(self.workers)]
                 self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="packmule-supervise")
                 self._supervisor.start()
                 self._started = True
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
+        env = dict(os.environ, **self._env, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
                    PACKMULE_WORKER_POOL=str(self.workers))  # (for the dashboard)
         return subprocess.Popen([sys.executable, "-m", "packmule._worker.local_process"], env=env,
                                 stdin=subprocess.DEVNULL)
