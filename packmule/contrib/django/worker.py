@@ -14,7 +14,8 @@ per-job hooks:
   a database restart gets a fresh connection;
 - after each job, a transaction the job left open (an ``atomic`` block never
   exited, autocommit turned off) is abandoned - its connection closed, which
-  rolls it back - and ``close_old_connections()`` again;
+  rolls it back -, a connection the job closed or broke is dropped, and
+  ``close_old_connections()`` runs again;
 - when the worker stops serving, every connection is closed.
 
 A process never uses a connection (or a pool) its parent made: worker processes
@@ -88,7 +89,33 @@ def after_job() -> None:
     for conn in connections.all(initialized_only=True):
         if conn.in_atomic_block or conn.savepoint_ids:
             _abandon_transaction(conn)
+        elif _broken(conn):
+            _close(conn)
     close_old_connections()
+
+
+def _broken(conn: Any) -> bool:
+    """Whether the job closed or broke the driver's connection behind Django's back
+    (which neither close_old_connections() nor SQLite's is_usable() notice); no round trip."""
+    raw = conn.connection
+    if raw is None:
+        return False
+    if getattr(raw, "closed", False) or getattr(raw, "broken", False):  # (psycopg)
+        return True
+    if conn.vendor == "sqlite":
+        try:
+            raw.total_changes  # noqa: B018 (raises on a closed SQLite connection)
+        except Exception:
+            return True
+    return False
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception as exc:  # (a broken connection: gone either way)
+        log.debug("closing database %r: %r", conn.alias, exc)
+    conn.connection = None
 
 
 def _abandon_transaction(conn: Any) -> None:
@@ -99,11 +126,7 @@ def _abandon_transaction(conn: Any) -> None:
     conn.in_atomic_block, conn.savepoint_ids, conn.atomic_blocks = False, [], []
     conn.needs_rollback, conn.closed_in_transaction, conn.commit_on_exit = False, False, True
     conn.run_on_commit = []
-    try:
-        conn.close()
-    except Exception as exc:  # (a broken connection: gone either way)
-        log.debug("closing database %r after an abandoned transaction: %r", conn.alias, exc)
-        conn.connection = None
+    _close(conn)
 
 
 def at_exit() -> None:

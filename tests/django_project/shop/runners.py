@@ -49,3 +49,6 @@ class Shop(packmule.Runner):
         import sys
 
         return "tests.django_project.shop.runners" in sys.modules and os.getpid() == IMPORTED_IN
+
+    def write_each(self, name, alias):
+        return self.write(alias, name)
