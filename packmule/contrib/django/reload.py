@@ -48,8 +48,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run(command: list[str], roots: Sequence[Path], poll_every: float = POLL_EVERY) -> int:
-    """Run ``command``, restarted on each change under ``roots``, until SIGTERM or
-    SIGINT (passed on as a drain); its exit code then."""
+    """Run ``command``, restarted on each change under ``roots`` (a worker that
+    exited, say on an error being fixed, too), until SIGTERM or SIGINT, passed on
+    as a drain; 0 then."""
     stopping: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: stopping.append(signum))
@@ -67,4 +68,4 @@ def run(command: list[str], roots: Sequence[Path], poll_every: float = POLL_EVER
         _stop(proc)
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     _stop(proc)
-    return proc.returncode or 0
+    return 0

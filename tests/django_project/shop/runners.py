@@ -52,3 +52,6 @@ class Shop(packmule.Runner):
 
     def write_each(self, name, alias):
         return self.write(alias, name)
+
+    def out_of_stock(self, item):
+        raise LookupError(f"out of stock: {item}")
