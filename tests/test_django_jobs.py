@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from typing import Any
 
 import pytest
@@ -156,3 +157,29 @@ def test_a_worker_survives_a_database_restart_between_jobs(mule: Any, postgres: 
     mule.join(WAIT)  # (raises if the job met the dead connection: max_retries = 0)
     (pid1, session1), (pid2, session2) = shop.get_return_value(first), shop.get_return_value(second)
     assert pid1 == pid2 and session1 != session2
+
+
+def test_a_fork_child_makes_connections_of_its_own_and_leaves_its_parents_alone() -> None:
+    def session() -> int:
+        with connections["pg"].cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return int(cursor.fetchone()[0])
+
+    parent = session()
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (forking a process with threads: ours are quiet)
+        pid = os.fork()
+    if pid == 0:  # the child: its own session, and out without running the parent's exit handlers
+        code = 1
+        try:
+            os.write(write, str(session()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    child = int(os.read(read, 64) or 0)
+    os.close(read)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert child and child != parent
+    assert session() == parent  # the parent's connection was neither used nor closed by the child
