@@ -14,7 +14,9 @@ KEEP = {"PACKMULE_CONFORMANCE_BACKENDS", "PACKMULE_REQUIRE_CLUSTER"}
 # pytest-django sets Django up for a whole session, and its app's hooks (worker setup, connection
 # handling) would then reach every other test's workers.
 DJANGO_TESTS = "tests.django_project.settings"
-collect_ignore_glob = [] if os.environ.get("DJANGO_SETTINGS_MODULE") == DJANGO_TESTS else ["tests/test_django_*.py"]
+DJANGO_SESSION = os.environ.get("DJANGO_SETTINGS_MODULE") == DJANGO_TESTS
+collect_ignore_glob = [] if DJANGO_SESSION else ["tests/test_django_*.py"]
+pytest_plugins = ["tests.django_project.pytest_fixtures"] if DJANGO_SESSION else []  # (its fixtures)
 
 
 def pytest_configure(config: pytest.Config) -> None:

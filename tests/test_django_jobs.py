@@ -17,13 +17,6 @@ from django.db import connections, transaction
 
 import packmule
 from packmule.contrib.django.signals import enqueue_failed
-from tests.django_project.pytest_fixtures import (  # noqa: F401 (fixtures)
-    alias,
-    cluster,
-    django_db_modify_db_settings,
-    mule,
-    postgres,
-)
 from tests.django_project.shop.models import Order
 from tests.django_project.shop.runners import Shop
 

@@ -97,7 +97,7 @@ def test_reload_restarts_the_worker_when_a_py_file_of_the_project_changes(cluste
         first = _worker_child(proc)
         probe.write_text("CHANGED = 1\n")
         deadline = time.monotonic() + 30
-        while (now := _worker_child(proc)) in (first, None):
+        while _worker_child(proc) in (first, None):
             assert time.monotonic() < deadline, "--reload did not restart the worker after a file changed"
             time.sleep(0.2)
         assert proc.poll() is None

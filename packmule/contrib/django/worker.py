@@ -133,6 +133,9 @@ def at_exit() -> None:
     from django.db import connections
 
     connections.close_all()
+    for conn in connections.all(initialized_only=True):
+        if conn.settings_dict.get("OPTIONS", {}).get("pool"):
+            conn.close_pool()  # (a pool's own connections and threads: Django 5.1+, PostgreSQL)
 
 
 def forget_inherited_connections() -> None:
