@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 
 from conformance.harness import Harness, beanstalk_harness, stop_worker
-from conformance.servers import PostgreSQL, postgres_installed
+from conformance.postgres import PostgreSQL, postgres_installed
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MANAGE = str(ROOT / "tests" / "django_project" / "manage.py")
