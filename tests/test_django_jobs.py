@@ -176,3 +176,14 @@ def test_a_fork_child_makes_connections_of_its_own_and_leaves_its_parents_alone(
     assert os.waitpid(pid, 0)[1] == 0
     assert child and child != parent
     assert session() == parent  # the parent's connection was neither used nor closed by the child
+
+
+@pytest.mark.django_db(databases=["default", "pg"])  # (not transactional: the test's transaction never commits)
+def test_in_a_test_transaction_on_commit_enqueues_run_when_the_callbacks_are_captured(
+        mule: Any, django_capture_on_commit_callbacks: Any) -> None:
+    shop = Shop("captured")
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        shop.enqueue_on_commit("names", "default")
+        assert mule.runs == []
+    assert len(callbacks) == 1 and mule.runs == ["captured"]
+    mule.join(WAIT)
