@@ -5,6 +5,7 @@ in-memory SQLite database."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
@@ -128,3 +129,18 @@ def test_the_test_backend_refuses_an_in_memory_sqlite_database(monkeypatch: pyte
     monkeypatch.setitem(settings.DATABASES["default"], "NAME", "file:memorydb_default?mode=memory&cache=shared")
     with pytest.raises(ImproperlyConfigured, match=r"in-memory SQLite.*TEST'\]\['NAME'\]"), backend_for_test(1):
         pass
+
+
+def test_a_local_worker_whose_setup_fails_is_not_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from packmule.backends.local import LocalBackend
+
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.django_project.broken_settings")  # (the workers' only)
+    backend = LocalBackend(workers=1)
+    try:
+        backend.ensure_workers()
+        first = backend._procs[0]
+        assert first.wait(30) == 78  # its setup failed: DJANGO_SETTINGS_MODULE's settings do not load
+        time.sleep(1.5)  # (longer than the supervisor takes to replace a worker)
+        assert backend._procs == [first] and backend.worker_pids() == []
+    finally:
+        backend.close(grace=0)

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from packmule._core.hooks import WorkerSetupFailed, setup_worker
+from packmule._core.hooks import SETUP_FAILED_EXIT, WorkerSetupFailed, setup_worker
 from packmule._worker.serve import serve
 from packmule.backends import local
 
@@ -27,7 +27,7 @@ def main() -> int:
         setup_worker()  # (PACKMULE_WORKER_SETUP: a framework's, django.setup() say; before any job)
     except WorkerSetupFailed as exc:
         print(f"packmule local worker: {exc}", file=sys.stderr)
-        return 2
+        return SETUP_FAILED_EXIT  # (its backend starts no other: each would fail alike)
     try:
         client = local.LocalClient(os.environ[local.ADDRESS_VAR], bytes.fromhex(os.environ[local.SECRET_VAR]),
                                    role="worker")
