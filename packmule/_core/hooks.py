@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 
 from packmule._core.errors import PackMuleError
 
-__all__ = ["SETUP_FAILED_EXIT", "WORKER_ENV", "WORKER_SETUP_VAR", "WorkerSetupFailed", "add_worker_setup", "env_for_workers",
-           "setup_worker"]
+__all__ = ["SETUP_FAILED_EXIT", "WORKER_ENV", "WORKER_SETUP_VAR", "WorkerSetupFailed", "add_worker_setup",
+           "env_for_workers", "setup_worker"]
 
 WORKER_SETUP_VAR = "PACKMULE_WORKER_SETUP"
 SETUP_FAILED_EXIT = 78  # (EX_CONFIG) a worker process whose setup failed: starting another is of no use
