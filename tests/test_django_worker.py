@@ -115,3 +115,11 @@ def _worker_child(proc: subprocess.Popen[bytes]) -> int | None:
             return children[0].pid
         time.sleep(0.1)
     return None
+
+
+def test_the_dashboard_command_is_the_clis_with_the_projects_settings() -> None:
+    # off loopback without a token the CLI refuses to serve (exit 2), saying why; local: it says where to serve
+    refused = manage("packmule_dashboard", "--host", "0.0.0.0", timeout=AT_ONCE)
+    assert refused.returncode == 2 and "token" in refused.stderr
+    local = manage("packmule_dashboard", timeout=AT_ONCE)
+    assert local.returncode == 2 and "PACKMULE_DASHBOARD_PORT" in local.stderr
