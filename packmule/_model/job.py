@@ -73,7 +73,9 @@ class JobHooks:
     ``at_exit`` when the worker stops serving (drained, or ending).  A ``before``
     hook that raises fails that job as if it had raised (retried as its options
     say); an ``after`` or ``at_exit`` hook that raises is logged, and the job's
-    outcome stands.  Empty, they cost two loops over an empty list per job."""
+    outcome stands.  Empty, they cost a loop over an empty list and a truth
+    test per job: about 30 ns (measured with timeit), 0.4% of the 7.8 us a no-op
+    job costs in all (README, "Performance")."""
 
     __slots__ = ("after", "at_exit", "before")
 
