@@ -9,6 +9,15 @@ import pytest
 
 KEEP = {"PACKMULE_CONFORMANCE_BACKENDS", "PACKMULE_REQUIRE_CLUSTER"}
 
+# The Django tests run in a session of their own, with the test project's settings (scripts/test):
+#   DJANGO_SETTINGS_MODULE=tests.django_project.settings python -m pytest tests/test_django_*.py
+# pytest-django sets Django up for a whole session, and its app's hooks (worker setup, connection
+# handling) would then reach every other test's workers.
+DJANGO_TESTS = "tests.django_project.settings"
+DJANGO_SESSION = os.environ.get("DJANGO_SETTINGS_MODULE") == DJANGO_TESTS
+collect_ignore_glob = [] if DJANGO_SESSION else ["tests/test_django_*.py"]
+pytest_plugins = ["tests.django_project.pytest_fixtures"] if DJANGO_SESSION else []  # (its fixtures)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     for var in [v for v in os.environ if v.startswith("PACKMULE_") and v not in KEEP]:

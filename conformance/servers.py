@@ -10,7 +10,8 @@ started, never by name::
         server.restart()    # same port, same data dir (the binlog survives)
 
 How to start each one is in /work/shared/SERVICES.md.  A ZooKeeper ensemble
-(several members, each a Server) is in ``ensemble.py``.
+(several members, each a Server) is in ``ensemble.py``; PostgreSQL (the Django
+tests' database) in ``postgres.py``.
 """
 
 from __future__ import annotations

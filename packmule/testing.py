@@ -228,10 +228,14 @@ class _BackendForTest:
             watched = (local.ADDRESS_VAR, local.SECRET_VAR, _config.DELAY_SCALE_VAR)
             self.saved = {var: os.environ.get(var) for var in watched}
             os.environ[_config.DELAY_SCALE_VAR] = repr(float(self.delay_scale))
+            backend = None
             try:
-                self.local, self.backend = True, local.LocalBackend(self.workers)
-                self.backend.ensure_workers()  # they start while the test sets up
+                backend = local.LocalBackend(self.workers)
+                self.local, self.backend = True, backend
+                backend.ensure_workers()  # they start while the test sets up (a framework's hook may refuse)
             except BaseException:
+                if backend is not None:
+                    backend.close(grace=0)
                 self._restore_env()
                 raise
             scope.backend = self.backend

@@ -35,6 +35,7 @@ from packmule.backends.local.client import ADDRESS_VAR, SECRET_VAR, LocalClient,
 
 from packmule._core.errors import BackendUnavailable
 from packmule._core.fork import forget_at_fork
+from packmule._core.hooks import SETUP_FAILED_EXIT, env_for_workers
 
 __all__ = ["ADDRESS_VAR", "SECRET_VAR", "BackendUnavailable", "LocalBackend", "LocalClient"]
 
@@ -67,6 +68,8 @@ class LocalBackend(Backend):
         self.workers = workers or os.cpu_count() or 1
         self.pid = os.getpid()
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._env: dict[str, str] = {}  # what packmule._core.hooks.WORKER_ENV adds to the workers' environment
+        self._given_up: set[int] = set()  # workers whose setup failed: not replaced
         self._closing = threading.Event()
         self._started = False
         self._start_lock = threading.Lock()
@@ -143,13 +146,14 @@ class LocalBackend(Backend):
             return
         with self._start_lock:
             if not self._started:
+                self._env = env_for_workers()  # (a framework's additions: may refuse, raising)
                 self._procs = [self._spawn() for _ in range(self.workers)]
                 self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="packmule-supervise")
                 self._supervisor.start()
                 self._started = True
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
+        env = dict(os.environ, **self._env, PACKMULE_BACKEND="local", PYTHONPATH=os.pathsep.join(sys.path),
                    PACKMULE_WORKER_POOL=str(self.workers))  # (for the dashboard)
         return subprocess.Popen([sys.executable, "-m", "packmule._worker.local_process"], env=env,
                                 stdin=subprocess.DEVNULL)
@@ -163,7 +167,12 @@ class LocalBackend(Backend):
                 return
             for i, proc in enumerate(self._procs):
                 code = proc.poll()
-                if code is None or self._closing.is_set():
+                if code is None or self._closing.is_set() or proc.pid in self._given_up:
+                    continue
+                if code == SETUP_FAILED_EXIT:  # (PACKMULE_WORKER_SETUP failed: another would fail alike)
+                    self._given_up.add(proc.pid)
+                    log.error("local worker %d could not set up (PACKMULE_WORKER_SETUP; its error is above): "
+                              "no other is started in its place", proc.pid)
                     continue
                 log.warning("local worker %d exited with %s; starting another", proc.pid, code)
                 if code != 0 and getattr(proc, "_pm_started", 0) > time.monotonic() - RESTART_PAUSE:

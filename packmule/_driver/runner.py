@@ -27,6 +27,7 @@ from packmule._core.errors import (
 from packmule._core.types import JobRef, Progress
 from packmule._driver.aio import Awaits
 from packmule._driver.enqueue import Enqueuer
+from packmule._driver.on_commit import OnCommit
 from packmule._driver.run_state import RunState, ref_for
 from packmule._driver.waiting import Waiter, Waits
 from packmule._model import census as _census
@@ -49,7 +50,7 @@ log = logging.getLogger("packmule")
 PUSH_EVERY = 0.25  # s: push_progress_updates refresh period
 
 
-class Runner(Enqueuer, Waits, Awaits):
+class Runner(Enqueuer, Waits, Awaits, OnCommit):
     """Subclass me; call ``enqueue``/``enqueue_each``/``deferred_result`` in your
     methods.  Class attributes are the defaults of the options of the same name."""
 
@@ -373,7 +374,8 @@ class Runner(Enqueuer, Waits, Awaits):
                                    quiet)
 
 
-FRAMEWORK.update((Runner, Enqueuer, Waits, Awaits))  # (their names are no job methods; RunnerMaker copies runners)
+# (their names are no job methods; RunnerMaker copies their runners)
+FRAMEWORK.update((Runner, Enqueuer, Waits, Awaits, OnCommit))
 
 
 def _bar(name: str) -> Any:

@@ -30,7 +30,7 @@ from packmule._core.errors import BackendUnavailable
 from packmule._core.types import JobRef
 from packmule._model import job as _job
 from packmule._model import wake as _wakes
-from packmule._model.job import JobContext, Spec, current
+from packmule._model.job import HOOKS, JobContext, Spec, current
 from packmule._model.keys import blob_key, job_id, parse_job_id, prefix, rejected_key, value_key
 from packmule._model.methods import refusal
 from packmule._model.records import records
@@ -341,12 +341,16 @@ class Engine(Committer):
         ctx = JobContext(self.backend, t, item.handle)
         token = current.set(ctx)
         try:
+            for hook in HOOKS.before:  # (a framework's: packmule._model.job.HOOKS)
+                hook()
             value = fn(*lead, *t.args, **t.kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: job code cannot end its worker
             shown = (*lead, *t.args) if not lead else ("<values>", *t.args)
             return Outcome(item, t, p, "raised", ("err", failure_info(t, method, shown, exc)))
         finally:
             current.reset(token)
+            if HOOKS.after:
+                _after_job(t)
         if issubclass(type(value), JobRef):  # (type(): a value's own __class__ may raise)
             try:
                 name, gen, path = parse_job_id(value[0])
@@ -384,3 +388,11 @@ class Engine(Committer):
         if not spec.record:
             out.consumed = [value_key(i) for i in spec.inputs] + [value_key(i) for i in trail]
         return out
+
+
+def _after_job(t: Task) -> None:
+    for hook in HOOKS.after:
+        try:
+            hook()
+        except Exception:  # (the job's outcome stands)
+            log.exception("an after-job hook failed after job %s", job_id(t.name, t.gen, t.path))

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from packmule._core.hooks import SETUP_FAILED_EXIT, WorkerSetupFailed, setup_worker
 from packmule._worker.serve import serve
 from packmule.backends import local
 
@@ -22,6 +23,11 @@ def main() -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the running batch, then exit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal goes to the coordinator
+    try:
+        setup_worker()  # (PACKMULE_WORKER_SETUP: a framework's, django.setup() say; before any job)
+    except WorkerSetupFailed as exc:
+        print(f"packmule local worker: {exc}", file=sys.stderr)
+        return SETUP_FAILED_EXIT  # (its backend starts no other: each would fail alike)
     try:
         client = local.LocalClient(os.environ[local.ADDRESS_VAR], bytes.fromhex(os.environ[local.SECRET_VAR]),
                                    role="worker")

@@ -10,6 +10,7 @@ import time
 
 from packmule._core import config as _config
 from packmule._core.errors import BackendUnavailable
+from packmule._model.job import HOOKS
 from packmule._model.registry import Beat
 from packmule._worker.engine import Engine
 from packmule.backends.base import Backend
@@ -33,6 +34,11 @@ def serve(backend: Backend, stop: threading.Event, max_jobs: int | None = None,
         return _serve(backend, engine, stop, max_jobs, reserve_timeout)
     finally:
         beat.stop()
+        for hook in HOOKS.at_exit:  # (a framework's: closing its connections, say)
+            try:
+                hook()
+            except Exception:
+                log.exception("a worker exit hook failed")
 
 
 def _serve(backend: Backend, engine: Engine, stop: threading.Event, max_jobs: int | None,

@@ -31,6 +31,7 @@ from typing import Any
 
 from packmule._core.config import POOL_VAR
 from packmule._core.errors import BackendUnavailable
+from packmule._core.hooks import WorkerSetupFailed, setup_worker
 
 # The supervisor process (``packmule worker``) only starts and watches its worker processes: what serves the
 # queue (serve, the watchdog, the backend and its client libraries) and psutil are imported where they are
@@ -67,6 +68,11 @@ def child_main(argv: list[str]) -> int:
     from packmule._worker.watchdog import Watchdog  # (here: see the top)
     from packmule.backends import _choice  # (here: see the top)
 
+    try:
+        setup_worker()  # (PACKMULE_WORKER_SETUP, before the runners are imported: django.setup(), say)
+    except WorkerSetupFailed as exc:
+        log.error("%s", exc)
+        return 2
     for module in a.imports:
         importlib.import_module(module)
     stop = threading.Event()
@@ -285,9 +291,15 @@ def worker_main(a: argparse.Namespace) -> int:
 
 
 def check(a: argparse.Namespace) -> tuple[int, str, str]:
-    """Whether the worker processes can start: every ``--import`` imports and the
-    backend builds.  (2, '', '') if not (and why is logged), else 0, the
-    backend's name and its class as the entry point names it."""
+    """Whether the worker processes can start: the ``PACKMULE_WORKER_SETUP``
+    functions succeed, every ``--import`` imports and the backend builds.  (2,
+    '', '') if not (and why is logged), else 0, the backend's name and its class
+    as the entry point names it."""
+    try:
+        setup_worker()  # (PACKMULE_WORKER_SETUP: what every worker process does first; failing, it stops here)
+    except WorkerSetupFailed as exc:
+        log.error("%s; no worker process started", exc)
+        return 2, "", ""
     for module in a.imports:
         try:
             importlib.import_module(module)

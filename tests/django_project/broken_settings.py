@@ -1,0 +1,3 @@
+"""Settings that fail to import (tests of a worker started with them)."""
+
+raise RuntimeError("these settings are broken on purpose")

@@ -1,0 +1,36 @@
+"""Settings of the test project.  ``DJANGO_TEST_PG_PORT``: the port of the
+PostgreSQL the tests start (``pytest_fixtures.py``); ``DJANGO_TEST_PACKMULE``: a
+JSON ``PACKMULE`` setting (the checks' tests)."""
+
+import json
+import os
+import tempfile
+
+SECRET_KEY = "packmule-tests-only"
+DEBUG = False
+USE_TZ = True
+ROOT_URLCONF = "tests.django_project.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+INSTALLED_APPS = ["packmule.contrib.django", "tests.django_project.shop"]
+BASE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+_SQLITE = os.path.join(tempfile.gettempdir(), f"packmule-django-{os.environ.get('DJANGO_TEST_DB_TAG', 'x')}")
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": _SQLITE + ".sqlite3",
+        "TEST": {"NAME": _SQLITE + "-test.sqlite3"},  # a file: worker processes see it (in memory they could not)
+        "OPTIONS": {"timeout": 30},
+        "CONN_MAX_AGE": None,  # persistent: the worker's per-job connection handling is what keeps them sound
+    },
+    "pg": {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": "127.0.0.1",
+        "PORT": os.environ.get("DJANGO_TEST_PG_PORT", "5432"),
+        "USER": "postgres",
+        "NAME": "packmule",
+        "CONN_MAX_AGE": None,
+    },
+}
+PACKMULE = json.loads(os.environ.get("DJANGO_TEST_PACKMULE", "{}"))
+LOGGING_CONFIG = None
