@@ -1,0 +1,1 @@
+"""Integrations of packmule with other frameworks, each an optional face on top of packmule's core."""
