@@ -22,6 +22,11 @@ class Flaky(Exception):
     """Raised by ``flaky`` until its last attempt."""
 
 
+class Errors:
+    class Nested(Exception):
+        """An exception class whose qualified name is not its name."""
+
+
 @task
 def add(a: int, b: int, log: str | None = None) -> int:
     return a + b
@@ -46,6 +51,11 @@ def returns(value_repr: str) -> Any:
 @task
 def fail(log: str | None = None) -> None:
     raise Flaky("no luck")
+
+
+@task
+def fail_nested() -> None:
+    raise Errors.Nested("inside")
 
 
 @task(takes_context=True)

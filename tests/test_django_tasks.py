@@ -209,6 +209,26 @@ def test_an_unknown_result_id_raises_task_result_does_not_exist(harness, api, re
         asyncio.run(backend.aget_result(result_id))
 
 
+def test_a_result_is_kept_as_long_as_a_runs_state(harness, tasks, api, tmp_path, monkeypatch):
+    # Given both job slots held, so that a task enqueued now stays queued
+    gate = tmp_path / "open"
+    gates = []
+    for _ in range(2):
+        gates.append(tasks.wait_for.enqueue(str(gate)))
+        until_status(gates[-1], "RUNNING")
+    # When it is enqueued by a process whose runs' state lives 1 s (PACKMULE_STATE_TTL)
+    monkeypatch.setenv("PACKMULE_STATE_TTL", "1")
+    result = tasks.add.enqueue(1, 2)
+    monkeypatch.delenv("PACKMULE_STATE_TTL")
+    result.refresh()
+    # Then its result is gone with it
+    time.sleep(3.0)
+    with pytest.raises(api.TaskResultDoesNotExist):
+        result.refresh()
+    gate.touch()
+    assert [finished(g).status for g in gates] == ["SUCCESSFUL"] * 2
+
+
 # --- failures and retries ---------------------------------------------------------------------------------
 def test_a_task_that_raises_is_failed_with_its_exception_class_path_and_remote_traceback(harness, tasks, api):
     result = finished(tasks.fail.enqueue())
@@ -222,6 +242,13 @@ def test_a_task_that_raises_is_failed_with_its_exception_class_path_and_remote_t
     assert result.finished_at is not None and result.finished_at >= result.started_at
     with pytest.raises(ValueError, match="Task failed"):
         _ = result.return_value
+
+
+def test_an_exception_class_path_is_its_module_and_qualified_name(harness, tasks, api):
+    result = finished(tasks.fail_nested.enqueue())
+    assert [e.exception_class_path for e in result.errors] == ["tests.django_tasks_tasks.Errors.Nested"]
+    assert result.errors[0].exception_class_path == tasks.fail_nested.using(backend="immediate").enqueue().errors[
+        0].exception_class_path
 
 
 def test_retries_are_attempts_one_worker_id_and_one_error_each(harness, tasks, api):
