@@ -244,6 +244,28 @@ def test_a_task_that_raises_is_failed_with_its_exception_class_path_and_remote_t
         _ = result.return_value
 
 
+def test_a_result_read_just_before_its_task_failed_reads_the_workers_last_record(harness, tasks, api,
+                                                                                   monkeypatch):
+    import packmule.contrib.django.tasks as module
+
+    # Given a failed task whose record is first read as it was while it ran (packmule then counts its job failed)
+    result = finished(tasks.fail.enqueue())
+    read, reads = module._Records.read, []
+
+    def stale_first(self: Any, result_id: str) -> Any:
+        record = read(self, result_id)
+        reads.append(result_id)
+        if len(reads) == 1:
+            record.update(status="RUNNING", errors=[], finished_at=None)
+        return record
+
+    monkeypatch.setattr(module._Records, "read", stale_first)
+    # Then it reads as the task's own failure, not packmule's
+    again = tasks.fail.get_result(result.id)
+    assert again.status == api.TaskResultStatus.FAILED
+    assert [e.exception_class_path for e in again.errors] == ["tests.django_tasks_tasks.Flaky"]
+
+
 def test_an_exception_class_path_is_its_module_and_qualified_name(harness, tasks, api):
     result = finished(tasks.fail_nested.enqueue())
     assert [e.exception_class_path for e in result.errors] == ["tests.django_tasks_tasks.Errors.Nested"]

@@ -195,25 +195,32 @@ class PackmuleBackend(_BaseTaskBackend):  # type: ignore[misc]
         expired with ``PACKMULE_STATE_TTL``)."""
         if not isinstance(result_id, str) or not ID_RE.match(result_id):
             raise API.TaskResultDoesNotExist(result_id)
-        record = _Records(_choice.get_backend(self._spec)).read(result_id)
+        records = _Records(_choice.get_backend(self._spec))
+        record = records.read(result_id)
         if record is None:
             raise API.TaskResultDoesNotExist(result_id)
         if record["status"] in (_READY, _RUNNING):
-            self._check_job(result_id, record)
+            failure = self._job_failure(result_id)
+            if failure is not None:  # (the worker writes a task's last record before packmule counts its job)
+                record = records.read(result_id) or record
+                if record["status"] in (_READY, _RUNNING):
+                    record["status"] = _FAILED
+                    record["errors"].append({"exception_class_path": _class_path(type(failure)),
+                                             "traceback": str(failure)})
         return self._result(_task_of(record), result_id, record)
 
-    def _check_job(self, result_id: str, record: dict[str, Any]) -> None:
-        """A task whose job packmule failed for good outside the task's code
-        (its worker died ``max_crashes`` times while running it) is FAILED, with
-        packmule's account of it as its last error: its record, left READY or
-        RUNNING by that worker, never will be rewritten."""
+    def _job_failure(self, result_id: str) -> JobFailed | None:
+        """How packmule failed the task's job for good, if it did.  One it failed
+        outside the task's code (its worker died ``max_crashes`` times while
+        running it) leaves the record READY or RUNNING for ever: such a task
+        reads as FAILED, with packmule's account of it as its last error."""
         try:
             self._jobs(result_id).get_return_value()
         except JobFailed as exc:
-            record["status"] = _FAILED
-            record["errors"].append({"exception_class_path": _class_path(type(exc)), "traceback": str(exc)})
+            return exc
         except PackMuleError:  # (not complete, or its run is gone: the record says all there is)
-            return
+            pass
+        return None
 
     def _result(self, task: Any, result_id: str, record: Mapping[str, Any]) -> Any:
         result = API.TaskResult(
