@@ -250,6 +250,11 @@ def test_a_result_read_just_before_its_task_failed_reads_the_workers_last_record
 
     # Given a failed task whose record is first read as it was while it ran (packmule then counts its job failed)
     result = finished(tasks.fail.enqueue())
+    run = module._TaskJobs(module.RUN_PREFIX + result.id)
+    deadline = time.monotonic() + WAIT
+    while run.update_progress().failed < 1:  # (the worker wrote the record first)
+        assert time.monotonic() < deadline, f"packmule never counted the job of {result.id} failed"
+        time.sleep(0.02)
     read, reads = module._Records.read, []
 
     def stale_first(self: Any, result_id: str) -> Any:
