@@ -39,6 +39,8 @@ Keys (``P`` = ``pm/<name>/{<gen>}/``)::
     pm-body:{<gen>}:<digest>:<i>  chunks of a queue body too large for the queue (``_spill``)
     pm-rejected:<keyid>  "<time> <worker key id>": workers refused jobs signed by that secret
     pm-reg:* pm-stats:*  what a dashboard reads (``_model.registry``)
+    pm-djtask:{<id>}     a Django task result's record (``packmule.contrib.django.tasks``; its run is
+                         ``django-task-<id>``)
 
 A value too large for one store item is kept in chunks under its own key
 followed by ``#<digest>:<i>`` (``_spill``); ``#`` is in no field.

@@ -8,6 +8,8 @@
   driver's database names) and around each job (``close_old_connections()``).
 - ``transactions``, ``signals``: ``Runner.enqueue_on_commit`` and its failures.
 - ``checks``: ``manage.py check``'s packmule messages.
+- ``tasks``: ``PackmuleBackend``, a ``django.tasks`` backend that runs tasks on
+  packmule's workers.
 - ``management/commands``: ``packmule_worker``, ``packmule_status``,
   ``packmule_progress``, ``packmule_dashboard``.
 
