@@ -57,12 +57,14 @@ def scheduler_main(modules: list[str]) -> int:
     return 0
 
 
-def worker_schedules(modules: list[str]) -> Scheduler | None:
+def worker_schedules(modules: list[str], imported_already: bool = False) -> Scheduler | None:
     """What ``packmule worker`` runs beside its worker processes (unless
     ``--no-schedules``): a scheduler of the schedules its ``--import`` modules
-    declare, on a cluster backend.  (On ``local`` the backend lives in the program
-    that uses it: schedules run there, ``run_schedules``.)"""
-    if not modules or (os.environ.get("PACKMULE_BACKEND") or "local") == "local":
+    declare (and, ``imported_already``, those of the modules this process has
+    imported: ``manage.py packmule_worker``'s apps), on a cluster backend.  (On
+    ``local`` the backend lives in the program that uses it: schedules run
+    there, ``run_schedules``.)"""
+    if (not modules and not imported_already) or (os.environ.get("PACKMULE_BACKEND") or "local") == "local":
         return None
     try:
         declared = imported(modules)

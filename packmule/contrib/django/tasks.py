@@ -110,7 +110,7 @@ def _setup_django() -> None:
 _BaseTaskBackend: Any = API.BaseTaskBackend  # (from django.tasks or the backport: _tasks_compat)
 
 
-class PackmuleBackend(_BaseTaskBackend):  # type: ignore[misc]
+class PackmuleBackend(_BaseTaskBackend):
     """Runs ``django.tasks`` tasks as packmule jobs (module docstring)."""
 
     supports_defer = True  # run_after: packmule's at=

@@ -48,11 +48,11 @@ class Command(BaseCommand):
 
 def _serve(a: argparse.Namespace) -> int:
     scheduler = None
-    if not a.no_schedules and a.imports:
-        from packmule import scheduling
+    if not a.no_schedules:
+        from packmule.scheduling import faces  # (the apps' runners modules are imported: their schedules too)
 
         _supervisor.setup_logging(a.log_level)
-        scheduler = scheduling.worker_schedules(a.imports)
+        scheduler = faces.worker_schedules(a.imports, imported_already=True)
     try:
         return _supervisor.worker_main(a)
     finally:
