@@ -211,13 +211,16 @@ def test_once_the_one_worker_frees_jobs_run_in_the_order_of_their_priority(bare:
 def test_jobs_that_fall_due_while_every_worker_is_busy_run_when_one_frees(harness: Harness, tmp_path: Any) -> None:
     started, gate, path = (str(tmp_path / name) for name in ("started", "gate", "stamps"))
     busy = Timed(backend=harness.backend)
-    # (every consumer of the queue: the harness's workers, and any other process serving it)
-    slots = max(len(harness.pids()), harness.backend.queue.stats().workers, 1)
-    for _ in range(slots):  # (one queue item each: one for each worker)
+    # Given every worker held busy: more jobs that hold one than there are workers (one queue item each),
+    # until those that started stop growing in number (a free worker would take one of the others)
+    holds = max(len(harness.pids()), harness.backend.queue.stats().workers) + 4
+    for _ in range(holds):
         busy.enqueue("hold", started, gate)
-    deadline = time.monotonic() + WAIT
-    while len(lines(started)) < slots:
-        assert time.monotonic() < deadline, "the jobs that hold the workers did not all start"
+    deadline, seen, steady_since = time.monotonic() + WAIT, -1, time.monotonic()
+    while len(lines(started)) in (0, holds) or time.monotonic() - steady_since < 1.0:
+        assert time.monotonic() < deadline, "the jobs that hold the workers did not start, or all did"
+        if len(lines(started)) != seen:
+            seen, steady_since = len(lines(started)), time.monotonic()
         time.sleep(0.02)
     runner = Timed(backend=harness.backend)
     runner.enqueue_each("stamp", [path] * 30, "due", delay=0.2)
