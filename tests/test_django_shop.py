@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from conformance.harness import Harness, beanstalk_harness, stop_worker
+from conformance.harness import beanstalk_harness, stop_worker
 from tests.browser import free_port, start_chromium
 from tests.django_project.pytest_fixtures import ROOT
 from tests.test_browser import require_browser, wait_until
