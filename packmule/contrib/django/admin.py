@@ -22,10 +22,9 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import AdminSite
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, URLResolver, include, path, reverse
-from django.views.decorators.http import require_POST
 
 from packmule.contrib.django import views
 
@@ -36,7 +35,7 @@ ACTIONS = ("cancel", "forget")
 
 
 def _url(site: AdminSite, view: str, *args: str) -> str:
-    return reverse(f"{site.name}:{view}", args=args, current_app=site.name)
+    return str(reverse(f"{site.name}:{view}", args=args, current_app=site.name))
 
 
 def _context(site: AdminSite, request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
@@ -69,8 +68,9 @@ def _run_page(site: AdminSite) -> Callable[[HttpRequest, str], HttpResponse]:
 
 
 def _act(site: AdminSite) -> Callable[[HttpRequest, str, str], HttpResponse]:
-    @require_POST
     def act(request: HttpRequest, name: str, action: str) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
         if action not in ACTIONS or views.visible_run(request, name, None) is None:
             raise Http404(f"no run named {name!r}, or no action {action!r}")
         getattr(views.watcher(), action)(name)
@@ -110,7 +110,7 @@ def add_to(site: AdminSite) -> None:
     """Add packmule's pages to ``site`` (its URLs, first, and a row on its index); once."""
     if getattr(site, "_packmule", False):
         return
-    site._packmule = True  # type: ignore[attr-defined]
+    site._packmule = True
     get_urls, get_app_list = site.get_urls, site.get_app_list
 
     def urls() -> list[URLPattern | URLResolver]:
@@ -122,8 +122,8 @@ def add_to(site: AdminSite) -> None:
             apps = sorted([*apps, _index_entry(site)], key=lambda app: str(app["name"]).lower())
         return apps
 
-    site.get_urls = urls  # type: ignore[method-assign]
-    site.get_app_list = app_list  # type: ignore[method-assign]
+    site.get_urls = urls
+    site.get_app_list = app_list
 
 
 add_to(admin.site)

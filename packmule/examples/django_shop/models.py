@@ -9,7 +9,7 @@ class Product(models.Model):
     price_cents = models.IntegerField()
 
     def __str__(self) -> str:
-        return self.name
+        return str(self.name)
 
 
 class Repricing(models.Model):
@@ -20,7 +20,7 @@ class Repricing(models.Model):
     requested_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
-        return self.run
+        return str(self.run)
 
 
 class Summary(models.Model):
@@ -36,4 +36,4 @@ class Summary(models.Model):
         verbose_name_plural = "summaries"
 
     def __str__(self) -> str:
-        return self.run
+        return str(self.run)

@@ -28,7 +28,7 @@ class Reprice(packmule.Runner):
         product = Product.objects.get(pk=pk)
         product.price_cents = product.list_cents * (100 + percent) // 100
         product.save(update_fields=["price_cents"])
-        return product.price_cents
+        return int(product.price_cents)
 
     def summarize(self, prices: list[int]) -> int:
         """Write the run's summary row: once, even if this job is retried (``run`` is unique)."""

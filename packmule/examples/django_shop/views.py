@@ -5,9 +5,8 @@ from __future__ import annotations
 import uuid
 
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import render
-from django.views.decorators.http import require_POST
 
 from packmule.examples.django_shop.models import Product, Repricing, Summary
 from packmule.examples.django_shop.runners import Reprice
@@ -27,9 +26,10 @@ def index(request: HttpRequest) -> HttpResponse:
         "summaries": {s.run: s for s in Summary.objects.order_by("-pk")[:10]}})
 
 
-@require_POST
 def reprice(request: HttpRequest) -> HttpResponse:
     """Record the request and queue its run when the transaction commits."""
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
     percent = int(request.POST.get("percent") or 5)
     runner = Reprice(f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}")
     with transaction.atomic():

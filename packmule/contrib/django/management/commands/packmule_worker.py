@@ -49,7 +49,7 @@ class Command(BaseCommand):
 def _serve(a: argparse.Namespace) -> int:
     scheduler = None
     if not a.no_schedules and a.imports:
-        from packmule import scheduling
+        from packmule.scheduling import faces as scheduling  # (as the CLI's worker: scheduling's own faces)
 
         _supervisor.setup_logging(a.log_level)
         scheduler = scheduling.worker_schedules(a.imports)
