@@ -99,6 +99,7 @@ def main() -> None:
         for r in range(a.rounds):
             for kind in (("plain", "django") if r % 2 == 0 else ("django", "plain")):
                 worker = start(kind, a.concurrency, env, h.backend)
+                serving = h.backend.queue.stats().workers
                 try:
                     hooks = hooks_in(h.backend)
                     django_hooks = any("contrib.django.worker" in name for name in hooks)
@@ -107,7 +108,7 @@ def main() -> None:
                     rates[kind].append(a.n / timed(h.backend, a.n))
                 finally:
                     stop_worker(worker)
-                print(f"round {r + 1} {kind:>6}: {rates[kind][-1]:>8,.0f} jobs/s", flush=True)
+                print(f"round {r + 1} {kind:>6}: {rates[kind][-1]:>8,.0f} jobs/s ({serving} serving)", flush=True)
     plain, django = statistics.median(rates["plain"]), statistics.median(rates["django"])
     print(f"N={a.n} no-op jobs, --concurrency {a.concurrency}, beanstalk on loopback, median of {a.rounds} rounds")
     print(f"  packmule worker                {plain:>8,.0f} jobs/s")
