@@ -47,7 +47,7 @@ def _load_user(cookie: str | None) -> Any:
     from django.contrib.auth import get_user
 
     session = import_module(settings.SESSION_ENGINE).SessionStore(cookie)
-    return get_user(SimpleNamespace(session=session))  # type: ignore[arg-type]
+    return get_user(SimpleNamespace(session=session))  # (get_user reads only request.session)
 
 
 async def user_of(scope: dict[str, Any]) -> Any:
