@@ -8,6 +8,10 @@
   driver's database names) and around each job (``close_old_connections()``).
 - ``transactions``, ``signals``: ``Runner.enqueue_on_commit`` and its failures.
 - ``checks``: ``manage.py check``'s packmule messages.
+- ``admin``: the runs in Django's admin (``/admin/packmule/``), staff only.
+- ``views``: ``progress_urls(allow=...)``, what ``<packmule-progress>`` reads, as plain views.
+- ``asgi``: ``with_dashboard(django_app, "/packmule", allow=...)``, the ASGI dashboard
+  beside the project, ``request.user`` being the Django user.
 - ``management/commands``: ``packmule_worker``, ``packmule_status``,
   ``packmule_progress``, ``packmule_dashboard``.
 

@@ -14,7 +14,6 @@ class Reprice(packmule.Runner):
     ``summarize`` writes the run's summary: 1 + 100 jobs for 100 products."""
 
     record_return_values = True
-    pause = float(os.environ.get("SHOP_PAUSE", "0.05"))  # s per product: long enough to watch the bar move
 
     def all_products(self) -> packmule.JobRef:
         percent = Repricing.objects.get(run=self.name).percent  # (committed before this job was queued)
@@ -24,7 +23,7 @@ class Reprice(packmule.Runner):
 
     def one(self, pk: int, percent: int) -> int:
         """The product's new price (from its list price: a retried job writes the same)."""
-        time.sleep(self.pause)
+        time.sleep(float(os.environ.get("SHOP_PAUSE", "0.05")))  # s per product: long enough to watch the bar
         product = Product.objects.get(pk=pk)
         product.price_cents = product.list_cents * (100 + percent) // 100
         product.save(update_fields=["price_cents"])
