@@ -84,7 +84,13 @@ def _connections() -> list[Any]:
     if got is None:
         from django.db import connections
 
-        got = _per_thread.wrappers = connections.all()
+        got = []
+        for alias in connections:
+            try:
+                got.append(connections[alias])
+            except Exception:  # (its backend does not load - a driver not installed -: no job can open it either)
+                continue
+        _per_thread.wrappers = got
     return got
 
 
