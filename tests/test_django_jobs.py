@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -187,3 +188,28 @@ def test_in_a_test_transaction_on_commit_enqueues_run_when_the_callbacks_are_cap
         assert mule.runs == []
     assert len(callbacks) == 1 and mule.runs == ["captured"]
     mule.join(WAIT)
+
+
+@pytest.mark.parametrize("leave", ["leave_atomic_open", "leave_autocommit_off"])
+def test_a_transaction_a_job_left_open_is_rolled_back_when_the_job_ends_not_at_the_next(
+        mule: Any, leave: str) -> None:
+    # Given a job that leaves its PostgreSQL transaction open (holding its locks), and no job after it
+    Shop("left-open").enqueue(leave, "pg", "ghost")
+    mule.join(WAIT)
+    # Then, without waiting for another job, no session of the test database stays idle in a transaction
+    deadline = time.monotonic() + 5.0
+    while (stuck := idle_in_transaction()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if stuck:  # (ended here, or the test database's flush would wait behind their locks for ever)
+        idle_in_transaction(terminate=True)
+    assert stuck == 0
+    assert names("pg") == []
+
+
+def idle_in_transaction(terminate: bool = False) -> int:
+    """How many other sessions of the test database are idle in a transaction (ending them)."""
+    with connections["pg"].cursor() as cursor:
+        cursor.execute(f"SELECT {'pg_terminate_backend(pid)' if terminate else 'pid'} FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND state LIKE 'idle in transaction%%' "
+                       "AND pid <> pg_backend_pid()")
+        return len(cursor.fetchall())

@@ -11,7 +11,16 @@ DEBUG = False
 USE_TZ = True
 ROOT_URLCONF = "tests.django_project.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-INSTALLED_APPS = ["packmule.contrib.django", "tests.django_project.shop"]
+INSTALLED_APPS = ["packmule.contrib.django", "tests.django_project.shop", "django.contrib.admin",
+                  "django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions",
+                  "django.contrib.messages"]
+MIDDLEWARE = ["django.contrib.sessions.middleware.SessionMiddleware", "django.middleware.common.CommonMiddleware",
+              "django.middleware.csrf.CsrfViewMiddleware", "django.contrib.auth.middleware.AuthenticationMiddleware",
+              "django.contrib.messages.middleware.MessageMiddleware"]
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True,
+              "OPTIONS": {"context_processors": ["django.template.context_processors.request",
+                                                 "django.contrib.auth.context_processors.auth",
+                                                 "django.contrib.messages.context_processors.messages"]}}]
 BASE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _SQLITE = os.path.join(tempfile.gettempdir(), f"packmule-django-{os.environ.get('DJANGO_TEST_DB_TAG', 'x')}")

@@ -10,6 +10,10 @@
 - ``checks``: ``manage.py check``'s packmule messages.
 - ``tasks``: ``PackmuleBackend``, a ``django.tasks`` backend that runs tasks on
   packmule's workers.
+- ``admin``: the runs in Django's admin (``/admin/packmule/``), staff only.
+- ``views``: ``progress_urls(allow=...)``, what ``<packmule-progress>`` reads, as plain views.
+- ``asgi``: ``with_dashboard(django_app, "/packmule", allow=...)``, the ASGI dashboard
+  beside the project, ``request.user`` being the Django user.
 - ``management/commands``: ``packmule_worker``, ``packmule_status``,
   ``packmule_progress``, ``packmule_dashboard``.
 

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -40,6 +41,7 @@ __all__ = ["after_job", "at_exit", "before_job", "env_for_workers", "forget_inhe
 
 log = logging.getLogger("packmule")
 
+_per_thread = threading.local()
 _inherited: list[Any] = []  # a fork child's copies of its parent's connections: kept, never used nor closed
 
 
@@ -74,24 +76,45 @@ def install_job_hooks() -> None:
             hooks.append(fn)
 
 
-def before_job() -> None:
-    from django.db import close_old_connections, connections
+def _connections() -> list[Any]:
+    """This thread's database wrappers, one per alias, made at its first job (a wrapper
+    holds no connection until used): one look at Django's thread-local handler per
+    thread instead of one per hook (``connections.all()`` costs microseconds a call)."""
+    got: list[Any] | None = getattr(_per_thread, "wrappers", None)
+    if got is None:
+        from django.db import connections
 
-    close_old_connections()
-    for conn in connections.all(initialized_only=True):
+        got = []
+        for alias in connections:
+            try:
+                got.append(connections[alias])
+            except Exception:  # (its backend does not load - a driver not installed -: no job can open it either)
+                continue
+        _per_thread.wrappers = got
+    return got
+
+
+def before_job() -> None:
+    """``close_old_connections()``, and the health check of a persistent connection armed."""
+    for conn in _connections():
+        if conn.connection is None:
+            continue
+        conn.close_if_unusable_or_obsolete()
         if conn.connection is not None and conn.settings_dict.get("CONN_MAX_AGE") != 0:
             conn.health_check_enabled, conn.health_check_done = True, False  # (checked at its first use)
 
 
 def after_job() -> None:
-    from django.db import close_old_connections, connections
-
-    for conn in connections.all(initialized_only=True):
+    """A transaction left open abandoned, a broken connection dropped, then ``close_old_connections()``."""
+    for conn in _connections():
+        if conn.connection is None and not conn.in_atomic_block:
+            continue
         if conn.in_atomic_block or conn.savepoint_ids:
             _abandon_transaction(conn)
         elif _broken(conn):
             _close(conn)
-    close_old_connections()
+        else:
+            conn.close_if_unusable_or_obsolete()  # (autocommit left off, past CONN_MAX_AGE, errors)
 
 
 def _broken(conn: Any) -> bool:
