@@ -44,13 +44,20 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     environment, as ``packmule worker`` would; this process uses the same
     backend (its ``PACKMULE_*`` variables) and settings."""
     factory = local_harness if request.param == "local" else beanstalk_harness
+    before = {key: value for key, value in os.environ.items() if key.startswith("PACKMULE_")}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DJANGO_SETTINGS_MODULE", SETTINGS)  # (before the workers start: they inherit it)
         django.setup()
-        with factory() as h:
-            for key, value in h.env.items():
-                mp.setenv(key, value)
-            yield h
+        try:
+            with factory() as h:
+                os.environ.update(h.env)
+                yield h
+        finally:
+            # (the PACKMULE_* variables as they were: a backend built here exports its own, which must
+            # not outlive it, or the next test's processes would join a coordinator that is gone)
+            for key in [key for key in os.environ if key.startswith("PACKMULE_")]:
+                del os.environ[key]
+            os.environ.update(before)
 
 
 @pytest.fixture(scope="module")
