@@ -5,7 +5,8 @@ A job carries its priority and its *due* time (Unix seconds; 0: now) in its
 bundle's header (``packmule._transport.wire``); the queue holds it until then
 (beanstalkd's delay, the local coordinator's delayed heap), never a worker's
 memory (but for the fraction of a second a queue of whole seconds may give it
-out early: ``Engine.run_batch`` holds it until its time).
+out early: ``hold_until_due``, called by the worker before a batch, holds it until
+its time).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
+from collections.abc import Iterable
 
 from packmule.backends.base import PRIORITIES
 
-__all__ = ["check_priority", "due_time"]
+__all__ = ["MAX_HOLD", "check_priority", "due_time", "hold_until_due"]
+
+MAX_HOLD = 1.0  # s at most that a job given out before its time is held (Put: whole seconds, rounded down)
 
 
 def check_priority(priority: object, where: str = "priority") -> int:
@@ -59,3 +63,12 @@ def due_time(delay: object, at: object, limit: float, why_limit: str) -> float:
         raise ValueError(f"a job cannot wait {seconds:,.0f}s: {why_limit} is {limit:,.0f}s; run it later from "
                          "a schedule (packmule.every, packmule.cron) instead")
     return due if seconds > 0 else 0.0
+
+
+def hold_until_due(dues: Iterable[float]) -> None:
+    """In a worker, before it runs a batch: a delayed job that a queue of whole
+    seconds gave out early (by under a second) is held until its time, at most
+    ``MAX_HOLD`` seconds (a clock ahead of the driver's holds it no longer)."""
+    early = max(dues, default=0.0) - time.time()
+    if early > 0:
+        time.sleep(min(early, MAX_HOLD))

@@ -5,8 +5,7 @@ then the counts, the failure list and commit markers, then the queue (children,
 ready continuations, acks).  A batch that the store or queue refuses is
 committed item by item; a job's failed attempt is retried with backoff.
 
-Why effects count exactly once with jobs that may run twice: see
-``packmule._worker.engine``."""
+Why effects count exactly once with jobs that may run twice: see ``packmule._worker.engine``."""
 
 from __future__ import annotations
 
@@ -55,7 +54,6 @@ class Committer:
     max_payload: int
     delay_scale: float
     wakes: dict[str, list[tuple[str, int]]] = {}  # run prefix -> drivers to wake (``_model.wake``)
-
 
     def commit(self, outcomes: list[Outcome]) -> None:
         """Commit a batch's effects, in the order that loses nothing when the
@@ -197,9 +195,8 @@ class Committer:
             if o.ctx is not None and o.ctx.children and key in won:
                 won.discard(key)  # a job twice in one batch counts once
                 c.deltas[o.p + "total"] += len(o.ctx.children)
-                held = sum(1 for child in o.ctx.children if child.due)
-                if held:
-                    c.deltas[o.p + "held"] += held
+                if any(child.due for child in o.ctx.children):  # (delayed: counted in `held` until done)
+                    c.deltas[o.p + "held"] += sum(1 for child in o.ctx.children if child.due)
                 c.counted[key] = _recovery.mark(o.ctx.position)
         handed = self._handed(won, valued)
         for key, o in valued:
@@ -401,5 +398,3 @@ class Committer:
             self.queue.bury(handle)
         if acks:
             self.queue.ack_many(acks)
-
-

@@ -35,6 +35,7 @@ from packmule._model.keys import blob_key, job_id, parse_job_id, prefix, rejecte
 from packmule._model.methods import refusal
 from packmule._model.records import records
 from packmule._model.registry import STATS
+from packmule._model.timing import hold_until_due
 from packmule._transport.codec import Forged, Signer
 from packmule._transport.spill import gather, gather_one
 from packmule._transport.wire import Task, decode
@@ -51,7 +52,6 @@ log = logging.getLogger("packmule")
 HANDBACK_AFTER = 0.05  # s: a batch running longer hands its unstarted jobs back
 UNREACHABLE_MAX = 30.0  # s at most between tries of a job whose run's store server is away
 UNREACHABLE_BURY = 60.0  # s a store server may be away before the jobs of its runs are buried
-MAX_HOLD = 1.0  # s at most that a job given out before its time is held (Put: whole seconds, rounded down)
 REJECTED_TTL = 3600.0  # s a note that jobs were refused for their signature stays in the store
 MAX_CRASHES = 3  # deaths of its worker a job may cause before it fails for good (Runner.max_crashes)
 
@@ -156,9 +156,7 @@ class Engine(Committer):
         bundles = self._defer_unreachable(self.decode(items))
         if not bundles:
             return 0
-        early = max(tasks[0].due for _, _, tasks in bundles) - time.time()
-        if early > 0:  # a delayed job that a queue of whole seconds gave out early: held until its time
-            time.sleep(min(early, MAX_HOLD))
+        hold_until_due(tasks[0].due for _, _, tasks in bundles)
         for item, _, tasks in bundles:
             self.watchdog.hold(item.handle, tasks[0].ttr)
         got, specs, recs, trail = self._fetch(bundles)
