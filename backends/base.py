@@ -214,6 +214,12 @@ class Store(abc.ABC):
     def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
         """Store every item, overwriting."""
 
+    def flush(self) -> None:
+        """Return once every write made through this store has applied, so that
+        any other connection, of this process or another, reads it.  A backend
+        whose writes return only once applied need not override this no-op."""
+        return None
+
     @abc.abstractmethod
     def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
         """Store each item only if its key is absent, atomically per key.

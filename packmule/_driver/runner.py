@@ -340,6 +340,7 @@ class Runner(Enqueuer, Waits, Awaits, OnCommit):
         gen = self._gen()
         if gen is not None:
             self.backend.store.set_many({prefix(self.name, gen) + "cancel": b"1"}, _config.state_ttl())
+            self.backend.store.flush()  # (seen by every connection once this returns)
 
     def forget(self) -> None:
         """Remove the run's state (its current generation: every key that can be
@@ -361,6 +362,7 @@ class Runner(Enqueuer, Waits, Awaits, OnCommit):
         state.forget_pointer()
         if keys:
             _census.delete(store, keys)
+        store.flush()  # (forgotten for every connection once this returns)
         self._pm_gen = None
         self._pm_progress = None
 
