@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .servers import READY_TIMEOUT, STOP_GRACE, Server, _existing_user, _stop_at_exit
+from .servers import READY_TIMEOUT, Server, _existing_user, _stop_at_exit, end_process
 
 POSTGRES_BIN = "/usr/lib/postgresql/15/bin"  # Debian's postgresql (15): initdb, postgres, pg_isready
 
@@ -84,15 +84,8 @@ class PostgreSQL(Server):
     def stop(self) -> None:
         """Fast shutdown (SIGINT), then SIGKILL after the grace period."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            end_process(proc, signal.SIGINT)
 
     def close(self) -> None:
         super().close()

@@ -116,15 +116,8 @@ class Server:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period; waits for the process to end."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            end_process(proc)
 
     def kill(self) -> None:
         """SIGKILL; waits for the process to end."""
@@ -187,6 +180,21 @@ class Server:
                     f"{READY_TIMEOUT:g} s; its log ({self.log_path}) ends with:\n{self.stderr_tail()}"
                 )
             time.sleep(0.05)
+
+
+def end_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = STOP_GRACE) -> bool:
+    """Send ``sig`` to a process this one started, give it ``grace`` seconds to
+    end, then SIGKILL it; waits for it to end.  True if it had to be killed."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
 
 
 def _stop_at_exit(proc: subprocess.Popen[bytes]) -> None:

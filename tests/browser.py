@@ -18,14 +18,17 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SELENIUM_MANAGER_BARRED = "/nonexistent/selenium-manager-is-not-used"  # SE_MANAGER_PATH: no file there
 INSTALL_HINT = "apt-get install -y chromium chromium-driver && pip install -e '.[web,browser]'"
 SERVE_TIMEOUT = 30.0  # s uvicorn may take to answer, and to stop
+WAIT = 60.0  # s any page or run may take to reach what a test waits for
 WINDOW = (1280, 800)  # px: the browser window, and the screenshot's size
 
 
@@ -86,3 +89,35 @@ def served(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(SERVE_TIMEOUT)
+
+
+def require_browser() -> None:
+    missing = browser_missing()
+    if missing is None:
+        return
+    if os.environ.get("PACKMULE_REQUIRE_CLUSTER") == "1":
+        pytest.fail(f"the browser tests cannot run: {missing} (PACKMULE_REQUIRE_CLUSTER=1: no skipping them)",
+                    pytrace=False)
+    pytest.skip(missing)
+
+
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator[Any]:
+    require_browser()
+    driver = start_chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_until(driver: Any, condition: Callable[[], Any], message: str, timeout: float = WAIT,
+               poll: float = 0.1) -> Any:
+    """WebDriverWait for ``condition()`` to be truthy; elements replaced while it
+    reads them (the page re-rendered) make it read again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=poll,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        lambda _: condition(), message)

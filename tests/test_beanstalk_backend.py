@@ -8,6 +8,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,11 +31,19 @@ from packmule.backends.base import Put  # noqa: E402
 from packmule.backends.beanstalk import BeanstalkBackend  # noqa: E402
 from packmule.backends.beanstalk._connection import PRIORITY  # noqa: E402
 from packmule.backends.beanstalk._pool import Servers  # noqa: E402
+from packmule.backends.beanstalk.locks import MAX_IDLE  # noqa: E402
 from packmule.backends.beanstalk.queue import shard_index, shard_order  # noqa: E402
 from packmule.backends.beanstalk.store import MAX_TTL, expiry, memcached_key  # noqa: E402
 from pymemcache.client.base import Client as MemcacheClient  # noqa: E402
 
-from conformance.servers import Beanstalkd, Memcached, ZooKeeper, free_port, servers_installed  # noqa: E402
+from conformance.servers import (  # noqa: E402
+    Beanstalkd,
+    Memcached,
+    ZooKeeper,
+    free_port,
+    servers_installed,
+    zookeeper_srvr,
+)
 from packmule._core.errors import BackendUnavailable  # noqa: E402
 
 MISSING = servers_installed()
@@ -597,6 +606,35 @@ def _hold_in_turn(results: Any, env: dict[str, str], name: str, barrier: Any) ->
         results.put(spans)
     finally:
         backend.close()
+
+
+def zookeeper_connections(zookeeper: ZooKeeper) -> int:
+    found = re.search(r"Connections: (\d+)", zookeeper_srvr(zookeeper.port))
+    assert found, "ZooKeeper's srvr gave no connection count"
+    return int(found.group(1))
+
+
+def test_many_threads_holding_locks_at_once_leave_few_zookeeper_sessions_open(
+        backend: BeanstalkBackend, zookeeper: ZooKeeper) -> None:
+    # Given 24 threads of one process that each hold a lock at the same moment
+    before = zookeeper_connections(zookeeper)
+    together = threading.Barrier(24)
+
+    def hold(i: int) -> None:
+        with backend.lock(f"at-once-{i}", 10):
+            together.wait(10)
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # Then once they are done, the process keeps at most MAX_IDLE sessions of them open (not 24)
+    assert eventually(lambda: zookeeper_connections(zookeeper) - before <= MAX_IDLE, within=10), (
+        f"{zookeeper_connections(zookeeper) - before} ZooKeeper sessions left open by 24 threads")
+    # And the locks still exclude and are taken again at once
+    with backend.lock("at-once-0", 1), pytest.raises(TimeoutError), backend.lock("at-once-0", 0.2):
+        pass
 
 
 def test_lock_excludes_other_processes(env: dict[str, str]) -> None:

@@ -21,21 +21,10 @@ from typing import Any
 import pytest
 
 from conformance.harness import Harness, beanstalk_harness, local_harness
-from tests.browser import browser_missing, served, start_chromium
+from tests.browser import WAIT, browser_fixture, require_browser, served, wait_until  # noqa: F401 (a fixture)
 from tests.web_runners import Gated
 
-WAIT = 60.0  # s any page or run may take to reach what a test waits for
 SETTLE = 2.0  # s the done count of a cancelled run must stay put
-
-
-def require_browser() -> None:
-    missing = browser_missing()
-    if missing is None:
-        return
-    if os.environ.get("PACKMULE_REQUIRE_CLUSTER") == "1":
-        pytest.fail(f"the browser tests cannot run: {missing} (PACKMULE_REQUIRE_CLUSTER=1: no skipping them)",
-                    pytrace=False)
-    pytest.skip(missing)
 
 
 @dataclass
@@ -50,16 +39,6 @@ class Stack:
         return self.harness.backend
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    require_browser()
-    driver = start_chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 @pytest.fixture(scope="module", params=["local", "beanstalk"])
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     require_browser()
@@ -69,18 +48,6 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     harness = local_harness() if request.param == "local" else beanstalk_harness(concurrency=2)
     with harness as h, served(create_app(Watcher(h.backend))) as url:
         yield Stack(h, url)
-
-
-def wait_until(driver: Any, condition: Callable[[], Any], message: str, timeout: float = WAIT,
-               poll: float = 0.1) -> Any:
-    """WebDriverWait for ``condition()`` to be truthy; elements replaced while it
-    reads them (the page re-rendered) make it read again."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=poll,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
-        lambda _: condition(), message)
 
 
 def mark_page(driver: Any) -> None:

@@ -23,9 +23,8 @@ from typing import Any
 import pytest
 
 from conformance.harness import beanstalk_harness, stop_worker
-from tests.browser import free_port, start_chromium
+from tests.browser import browser_fixture, free_port, require_browser, wait_until  # noqa: F401 (a fixture)
 from tests.django_project.pytest_fixtures import ROOT
-from tests.test_browser import require_browser, wait_until
 
 EXAMPLE = [sys.executable, "-m", "packmule.examples.django_shop"]
 WAIT = 60.0
@@ -51,16 +50,6 @@ class Shop:
         host, _, port = address.partition(":")
         with psycopg.connect(host=host, port=int(port), user="postgres", dbname=name) as conn:
             return list(conn.execute(sql))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    require_browser()
-    driver = start_chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module", params=["local", "beanstalk"])

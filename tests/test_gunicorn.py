@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import psutil
 import pytest
 
 from conformance.harness import beanstalk_harness
-from conformance.servers import free_port
+from conformance.servers import end_process, free_port
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKERS = 4  # gunicorn's
@@ -80,15 +79,7 @@ def stop(proc: subprocess.Popen[bytes], started: list[int]) -> list[int]:
     """SIGTERM to gunicorn's master (its graceful stop), SIGKILL past STOP_WAIT;
     then SIGKILL to any process it had that has not ended by itself (by PID):
     those are returned."""
-    killed = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            killed.append(proc.pid)
+    killed = [proc.pid] if end_process(proc, grace=STOP_WAIT) else []
     deadline = time.monotonic() + STOP_WAIT
     for pid in started[1:]:
         while running(pid) and time.monotonic() < deadline:

@@ -62,6 +62,7 @@ SESSION_TIMEOUT = 4.0  # s without news from a process before ZooKeeper ends its
 #                        its locks (ZooKeeper clamps it to 2..20 ticks: 4 s with the default tickTime)
 
 IDLE, WAITING, HELD = "idle", "waiting", "held"  # what a session of this process does now
+MAX_IDLE = 4  # sessions kept open for the next locks; more, needed at once by many threads, are ended
 
 _inherited: list[KazooClient] = []  # clients a fork child got from its parent: never used, kept
 #                                     referenced so that collecting them closes nothing
@@ -199,9 +200,14 @@ class ZooKeeperLocks:
             return True
 
     def _done_with(self, client: KazooClient) -> None:
+        """``client`` is IDLE again, or ended if MAX_IDLE others already are."""
         with self._client_lock:
-            if client in self._sessions:
+            if client not in self._sessions:
+                return
+            if sum(use == IDLE for use in self._sessions.values()) < MAX_IDLE:
                 self._sessions[client] = IDLE
+                return
+        self._retire(client)
 
     def _retire(self, client: KazooClient) -> None:
         """End ``client``'s session: ZooKeeper frees every node it has."""
