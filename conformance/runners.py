@@ -72,6 +72,12 @@ class Tree(packmule.Runner):
     def ident(self, x: Any) -> Any:
         return x
 
+    def modules_loaded(self, names: list[str]) -> list[str]:
+        """Which of ``names`` this worker process has imported."""
+        import sys
+
+        return [name for name in names if name in sys.modules]
+
     def side_continuation(self, path: str) -> str:
         self.deferred_result("mark", [self.enqueue("ident", 1)], path)
         return "returned first"

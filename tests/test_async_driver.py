@@ -46,6 +46,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def test_a_worker_that_ran_jobs_has_loaded_no_asyncio(harness: Harness) -> None:
+    # (the awaitable calls import it at their first use: a worker process, which
+    # makes none, is spared its 50 modules and about 4 MiB)
+    runner = Tree(backend=harness.backend)
+    jobs = runner.enqueue_each("modules_loaded", [["asyncio", "packmule._driver.hub"]] * 4)
+    assert runner.deferred_result("collect", jobs) == [[]] * 4
+
+
 def test_aenqueue_queues_the_job_enqueue_queues(harness: Harness) -> None:
     blocking = Timed(backend=harness.backend)
     ref = blocking.enqueue("echo", 1, "two", k=3, priority=5)

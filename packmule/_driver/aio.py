@@ -11,15 +11,13 @@ settles each on its own loop."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from packmule._core.types import JobRef, Progress
-from packmule._driver.hub import Watch, hub_for
 from packmule._driver.run_state import RunState
 from packmule._driver.waiting import Waiter
 from packmule._model.keys import value_keys
@@ -30,6 +28,8 @@ if TYPE_CHECKING:
     from packmule._model.job import JobContext
 
 __all__ = ["Awaits"]
+
+T = TypeVar("T")
 
 
 class Awaits:
@@ -59,19 +59,19 @@ class Awaits:
     async def aenqueue(self, method_name: str, *args: Any, delay: float | timedelta | None = None,
                        at: datetime | None = None, priority: int | None = None, **kwargs: Any) -> JobRef:
         """``enqueue``, in the loop's default executor."""
-        return await asyncio.to_thread(functools.partial(self.enqueue, method_name, *args, delay=delay, at=at,
+        return await _in_thread(functools.partial(self.enqueue, method_name, *args, delay=delay, at=at,
                                                          priority=priority, **kwargs))
 
     async def aenqueue_each(self, method_name: str, items: Iterable[Any], *args: Any,
                             delay: float | timedelta | None = None, at: datetime | None = None,
                             priority: int | None = None, **kwargs: Any) -> list[JobRef]:
         """``enqueue_each``, in the loop's default executor."""
-        return await asyncio.to_thread(functools.partial(self.enqueue_each, method_name, items, *args, delay=delay,
+        return await _in_thread(functools.partial(self.enqueue_each, method_name, items, *args, delay=delay,
                                                          at=at, priority=priority, **kwargs))
 
     async def aupdate_progress(self) -> Progress:
         """``update_progress``, in the loop's default executor."""
-        return await asyncio.to_thread(self.update_progress)
+        return await _in_thread(self.update_progress)
 
     async def await_result(self, timeout: float | None = None) -> Progress:
         """``wait()`` without holding a thread: until the run is complete, its final
@@ -100,8 +100,8 @@ class Awaits:
         what = f"{len(missing)} jobs for await_deferred_result"
         while missing:
             await self._watch(what, timeout, missing, start)
-            missing = await asyncio.to_thread(self._chain_ends, ids)  # (values that are JobRefs: their ends)
-        return await asyncio.to_thread(self._finish_deferred, refs, method_name, args, kwargs)
+            missing = await _in_thread(self._chain_ends, ids)  # (values that are JobRefs: their ends)
+        return await _in_thread(self._finish_deferred, refs, method_name, args, kwargs)
 
     def _chain_ends(self, ids: list[str]) -> list[str]:
         """The value keys still absent at the ends of the ids' JobRef chains."""
@@ -118,7 +118,11 @@ class Awaits:
 
     async def _watch(self, what: str, timeout: float | None, keys: list[str] | None, start: float) -> Any:
         """Hand a wait to the backend's hub and await what it settles it with."""
-        backend = self._pm_backend if self._pm_backend is not None else await asyncio.to_thread(lambda: self.backend)
+        import asyncio
+
+        from packmule._driver.hub import Watch, hub_for
+
+        backend = self._pm_backend if self._pm_backend is not None else await _in_thread(lambda: self.backend)
         loop = asyncio.get_running_loop()
         waiter = Waiter(self, what, timeout)
         waiter.start = start
@@ -129,3 +133,9 @@ class Awaits:
         return await watch.future
 
 
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``asyncio.to_thread(fn, *args)``.  (asyncio, about 4 MiB and 50 modules, is imported
+    at the first awaitable call: a worker process, which makes none, never loads it.)"""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
