@@ -5,9 +5,10 @@ dashboard)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,10 @@ def test_server_states_set_a_killed_member_aside_and_say_when_it_came_back(
     assert state.back is not None and state.back >= aside.since and state.role == "follower", state
 
 
-def _listen(reply: bytes | None) -> tuple[str, Any]:
+def _listen(reply: bytes | None) -> tuple[str, Callable[[], None]]:
     """A listener on loopback that answers each connection with ``reply`` and
-    closes it (None: holds it open, silent)."""
+    closes it (None: holds it open, silent); and what closes it and every
+    connection it holds."""
     import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -137,13 +139,18 @@ def _listen(reply: bytes | None) -> tuple[str, Any]:
                 return
             if reply is None:
                 held.append(conn)
-            else:
-                with conn:
-                    conn.recv(16)
-                    conn.sendall(reply)
+                continue
+            with conn, contextlib.suppress(OSError):  # (the prober may have hung up first)
+                conn.recv(16)
+                conn.sendall(reply)
+
+    def close() -> None:
+        listener.close()
+        for conn in held:
+            conn.close()
 
     threading.Thread(target=serve, daemon=True).start()
-    return f"127.0.0.1:{listener.getsockname()[1]}", listener
+    return f"127.0.0.1:{listener.getsockname()[1]}", close
 
 
 def test_a_member_is_up_when_it_takes_the_connection_whatever_it_answers_to_srvr() -> None:
@@ -169,5 +176,5 @@ def test_a_member_is_up_when_it_takes_the_connection_whatever_it_answers_to_srvr
         assert "not serving" in states[2].problem and "refused" in states[4].problem.lower()
         assert [s.server for s in states] == addresses
     finally:
-        for _, listener in listeners:
-            listener.close()
+        for _, close in listeners:
+            close()
