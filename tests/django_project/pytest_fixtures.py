@@ -35,10 +35,12 @@ def postgres() -> Iterator[PostgreSQL]:
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(postgres: PostgreSQL) -> None:
-    """(pytest-django's hook before it makes the test databases.)  The ``pg`` alias
-    on the session's PostgreSQL; worker processes read the port from the environment."""
+    """(pytest-django's hook before it makes the test databases.)  The ``pg`` and
+    ``pgpool`` aliases on the session's PostgreSQL; worker processes read the port
+    from the environment."""
     os.environ["DJANGO_TEST_PG_PORT"] = str(postgres.port)
-    settings.DATABASES["pg"]["PORT"] = str(postgres.port)
+    for alias in ("pg", "pgpool"):
+        settings.DATABASES[alias]["PORT"] = str(postgres.port)
 
 
 def django_env(**extra: str) -> dict[str, str]:
@@ -57,19 +59,22 @@ def manage(*args: str, env: dict[str, str] | None = None, timeout: float = WAIT)
 @pytest.fixture(scope="module", params=["local", "beanstalk"])
 def cluster(request: pytest.FixtureRequest, django_db_setup: None) -> Iterator[Harness | None]:
     """None: each test's own local backend (the packmule_backend fixture); or a real
-    beanstalk cluster served by ``manage.py packmule_worker --concurrency 1``, started
-    once the test databases exist and told their names (PACKMULE_DJANGO_DATABASES)."""
+    beanstalk cluster served by ``manage.py packmule_worker --concurrency N``, started
+    once the test databases exist and told their names (PACKMULE_DJANGO_DATABASES).
+    N: the test module's ``WORKER_PROCESSES``, else 1."""
     if request.param == "local":
         yield None
         return
+    processes = int(getattr(request.module, "WORKER_PROCESSES", 1))
     with beanstalk_harness(concurrency=0) as h:
         names = {alias: str(db["NAME"]) for alias, db in settings.DATABASES.items()}
         env = django_env(**h.env, PACKMULE_DJANGO_DATABASES=json.dumps(names))
-        worker = subprocess.Popen([sys.executable, MANAGE, "packmule_worker", "--concurrency", "1", "--grace", "10",
-                                   "--log-level", "WARNING"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+        worker = subprocess.Popen([sys.executable, MANAGE, "packmule_worker", "--concurrency", str(processes),
+                                   "--grace", "10", "--log-level", "WARNING"], cwd=ROOT, env=env,
+                                  stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + WAIT
-            while h.backend.queue.stats().workers < 1:
+            while h.backend.queue.stats().workers < processes:
                 assert worker.poll() is None, f"manage.py packmule_worker exited with {worker.returncode}"
                 assert time.monotonic() < deadline, "manage.py packmule_worker did not start serving"
                 time.sleep(0.1)

@@ -1,6 +1,6 @@
 """Settings of the test project.  ``DJANGO_TEST_PG_PORT``: the port of the
-PostgreSQL the tests start (``pytest_fixtures.py``); ``DJANGO_TEST_PACKMULE``: a
-JSON ``PACKMULE`` setting (the checks' tests)."""
+PostgreSQL the tests start (``pytest_fixtures.py``), of ``pg`` and ``pgpool``;
+``DJANGO_TEST_PACKMULE``: a JSON ``PACKMULE`` setting (the checks' tests)."""
 
 import json
 import os
@@ -41,5 +41,11 @@ DATABASES = {
         "CONN_MAX_AGE": None,
     },
 }
+# The same PostgreSQL database through a connection pool (Django 5.1+, psycopg_pool): a test mirror of
+# "pg" (its test database, flushed with it; no third test database to create), CONN_MAX_AGE 0 (Django
+# refuses a pool with persistent connections).  max_size 2: tests/test_django_pool.py knows every
+# connection of a process's pool by holding both.
+DATABASES["pgpool"] = {**DATABASES["pg"], "CONN_MAX_AGE": 0, "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}},
+                       "TEST": {"MIRROR": "pg"}}
 PACKMULE = json.loads(os.environ.get("DJANGO_TEST_PACKMULE", "{}"))
 LOGGING_CONFIG = None
