@@ -157,8 +157,10 @@ def at_exit() -> None:
 
     connections.close_all()
     for conn in connections.all(initialized_only=True):
-        if conn.settings_dict.get("OPTIONS", {}).get("pool"):
-            conn.close_pool()  # (a pool's own connections and threads: Django 5.1+, PostgreSQL)
+        # (a pool's own connections and threads: Django 5.1+, PostgreSQL; only a pool this process
+        # made: asking ``conn.pool`` of an alias that never used it would make one to close)
+        if conn.alias in getattr(type(conn), "_connection_pools", {}):
+            conn.close_pool()
 
 
 def forget_inherited_connections() -> None:
