@@ -3,7 +3,6 @@ by the local coordinator with its address and secret in the environment."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -35,13 +34,6 @@ def main() -> int:
         print(f"packmule local worker: cannot reach the coordinator: {exc}", file=sys.stderr)
         return 1
     local._client = client  # jobs that build a Runner reach the backend through this same connection
-    # A batch keeps a few objects per job alive until it commits (tasks, outcomes,
-    # records): with the default threshold (700) the collector walks them about
-    # once per hundred jobs - a tenth of a worker's time - and finds nothing to
-    # free.  Collect once per many thousand objects instead, and leave the
-    # modules loaded so far out of full collections.
-    gc.freeze()
-    gc.set_threshold(50_000, 10, 10)
     try:
         serve(client, stop)
     except local.BackendUnavailable:
