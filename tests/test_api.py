@@ -133,3 +133,29 @@ def test_a_coordinator_that_never_answers_the_handshake_is_reported_not_waited_o
         mute.listen(4)
         with pytest.raises(BackendUnavailable, match="did not answer the secret's handshake within 0.5s"):
             local.LocalClient(address, b"k" * 32)
+
+
+def test_get_backend_gives_one_backend_per_settings_and_another_once_a_setting_changes(monkeypatch):
+    # (the cache key is read from the environment on every enqueue and wait of a runner made without backend=)
+    settings = {"PACKMULE_BACKEND": "beanstalk", "PACKMULE_BEANSTALKD": "127.0.0.1:1",
+                "PACKMULE_MEMCACHED": "127.0.0.1:2", "PACKMULE_ZOOKEEPER": "127.0.0.1:3",
+                "PACKMULE_SECRET": "s" * 32}
+    for var, value in settings.items():
+        monkeypatch.setenv(var, value)
+    made = []
+    try:
+        first = _choice.get_backend()
+        made.append(first)
+        assert _choice.get_backend() is first
+        monkeypatch.setenv("PACKMULE_BEANSTALKD", "127.0.0.1:4")
+        second = _choice.get_backend()
+        made.append(second)
+        assert second is not first and "127.0.0.1:4" in repr(second)
+        monkeypatch.setenv("PACKMULE_BEANSTALKD", "127.0.0.1:1")
+        assert _choice.get_backend() is first
+    finally:
+        with _choice._cache_lock:
+            for key in [k for k, v in _choice._cache.items() if v in made]:
+                del _choice._cache[key]
+        for backend in made:
+            backend.close()
