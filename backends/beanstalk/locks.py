@@ -42,10 +42,6 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kazoo.exceptions import ConnectionLoss, KazooException, LockTimeout, NoNodeError
-from kazoo.protocol.states import KazooState
-from kazoo.recipe.lock import Lock
-
 from packmule._core.fork import forget_at_fork
 
 from ..base import ServerState
@@ -54,6 +50,7 @@ from ._pool import Servers
 
 if TYPE_CHECKING:
     from kazoo.client import KazooClient
+    from kazoo.recipe.lock import Lock
 
 log = logging.getLogger("packmule.backends.beanstalk")
 
@@ -61,6 +58,9 @@ LOCK_ROOT = "/packmule/locks"
 SESSION_TIMEOUT = 4.0  # s without news from a process before ZooKeeper ends its session and frees
 #                        its locks (ZooKeeper clamps it to 2..20 ticks: 4 s with the default tickTime)
 
+# kazoo's session states (``kazoo.protocol.states.KazooState``, plain strings): kazoo itself is
+# imported only when a lock or register is first used, not by every worker process that never takes one
+CONNECTED, SUSPENDED, LOST = "CONNECTED", "SUSPENDED", "LOST"
 IDLE, WAITING, HELD = "idle", "waiting", "held"  # what a session of this process does now
 MAX_IDLE = 4  # sessions kept open for the next locks; more, needed at once by many threads, are ended
 
@@ -114,13 +114,13 @@ class ZooKeeperLocks:
             self._forget_inherited()
         with self._client_lock:
             idle = [client for client, use in self._sessions.items() if use == IDLE]
-            client = next((c for c in idle if c.state == KazooState.CONNECTED), idle[0] if idle else None)
+            client = next((c for c in idle if c.state == CONNECTED), idle[0] if idle else None)
             if client is not None:
                 self._sessions[client] = WAITING
         if client is None:
             return self._new_session()
         deadline = time.monotonic() + self._connect_timeout
-        while client.state != KazooState.CONNECTED:  # it reconnects by itself after a blip
+        while client.state != CONNECTED:  # it reconnects by itself after a blip
             if time.monotonic() > deadline or client not in self._sessions:
                 self._done_with(client)
                 raise self._unavailable(f"connection lost and not back within {self._connect_timeout:g} s")
@@ -137,7 +137,7 @@ class ZooKeeperLocks:
             self._done_with(client)
 
     def _new_session(self) -> KazooClient:
-        # (here, not at the top: kazoo's client, its handlers and recipes are about 0.7 MiB that a process which
+        # (here, not at the top: kazoo's client, its handlers and recipes are about 1.7 MiB that a process which
         # never takes a lock - most worker processes, most of the time - need not load)
         from kazoo.client import KazooClient
         from kazoo.handlers.threading import KazooTimeoutError
@@ -165,11 +165,11 @@ class ZooKeeperLocks:
             if client not in self._sessions:
                 return True  # retired: unregister
             watchdog = self._watchdogs.pop(client, None)
-            if state == KazooState.SUSPENDED:
+            if state == SUSPENDED:
                 self._watchdogs[client] = timer = threading.Timer(self._session_timeout, self._give_up, (client,))
                 timer.daemon = True
                 timer.start()
-            lost_held = state == KazooState.LOST and self._sessions[client] == HELD
+            lost_held = state == LOST and self._sessions[client] == HELD
         if watchdog is not None:
             watchdog.cancel()
         if lost_held:
@@ -183,7 +183,7 @@ class ZooKeeperLocks:
         Whatever it does is decided under the lock that ``_hold`` takes, so a
         lock acquired meanwhile is never entered with an ended session."""
         with self._client_lock:
-            if client.state == KazooState.CONNECTED or self._sessions.get(client) in (None, HELD):
+            if client.state == CONNECTED or self._sessions.get(client) in (None, HELD):
                 return
             del self._sessions[client]
             self._watchdogs.pop(client, None)
@@ -229,6 +229,9 @@ class ZooKeeperLocks:
     def lock(self, name: str, timeout: float | None) -> Iterator[None]:
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"lock timeout must be None or seconds >= 0, not {timeout!r}")
+        from kazoo.exceptions import KazooException, LockTimeout
+        from kazoo.recipe.lock import Lock
+
         client = self._session()
         zlock = Lock(client, f"{LOCK_ROOT}/{node_name(name)}", f"{socket.gethostname()}:{os.getpid()}")
         try:
@@ -243,7 +246,7 @@ class ZooKeeperLocks:
             self._clean_up(client, zlock)
             raise
         if not got or not self._hold(client):  # kazoo gave up retrying, or the session was given up
-            connected = got is False and client.state == KazooState.CONNECTED
+            connected = got is False and client.state == CONNECTED
             self._clean_up(client, zlock)
             if connected:
                 raise TimeoutError(f"lock {name!r} not acquired within {timeout} s")
@@ -276,6 +279,8 @@ class ZooKeeperLocks:
     def _delete(self, client: KazooClient, path: str, session: object) -> BaseException | str | None:
         """Delete a held lock's node, retrying a lost connection (kazoo moves the
         session to another member) for up to the session timeout."""
+        from kazoo.exceptions import ConnectionLoss, NoNodeError
+
         deadline = time.monotonic() + self._session_timeout
         while True:
             try:
@@ -297,8 +302,10 @@ class ZooKeeperLocks:
         node left behind would hold the lock for as long as this process
         lives).  If ZooKeeper cannot be asked, end the session (it holds no
         lock: a session serves one ``lock()`` at a time)."""
+        from kazoo.exceptions import NoNodeError
+
         try:
-            if client.state != KazooState.CONNECTED:
+            if client.state != CONNECTED:
                 raise ConnectionError
             for child in client.retry(client.get_children, zlock.path):
                 if child.startswith(zlock.prefix):

@@ -22,8 +22,6 @@ import math
 import time
 from typing import Any
 
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
-
 from ..base import Registers
 from .locks import ZooKeeperLocks, node_name
 
@@ -43,6 +41,8 @@ class ZooKeeperRegisters(Registers):
         return f"{self.root}/{node_name(name)}"
 
     def read(self, name: str) -> tuple[bytes | None, Any]:
+        from kazoo.exceptions import KazooException, NoNodeError  # (at first use: see locks.py)
+
         try:
             with self.locks.session() as client:
                 data, stat = client.get(self._path(name))
@@ -54,6 +54,8 @@ class ZooKeeperRegisters(Registers):
         return value, stat.version
 
     def swap(self, name: str, token: Any, value: bytes | None, ttl: float) -> bool:
+        from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+
         path = self._path(name)
         # (whole seconds, rounded up: a short ttl never expires at once)
         data = b"%d %s" % (math.ceil(time.time() + (ttl or LONGEST)), value) if value is not None else b""
@@ -75,6 +77,8 @@ class ZooKeeperRegisters(Registers):
 
     def prune(self, limit: int = 10_000) -> int:
         """Delete up to ``limit`` expired registers; how many were deleted."""
+        from kazoo.exceptions import BadVersionError, KazooException, NoNodeError
+
         deleted = 0
         try:
             with self.locks.session() as client:
