@@ -6,12 +6,21 @@ the modules it imports, and the other tests' workers need none.)"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
 import tempfile
 
 import packmule
 
-TICKS_DIR = os.path.join(tempfile.gettempdir(), "packmule-conformance-ticks")
+# A folder of its own for each pytest-xdist process (each has servers and workers of its own), named
+# from the environment its workers inherit, so that processes running side by side never count
+# each other's ticks
+_XDIST = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:12] + os.environ.get("PYTEST_XDIST_WORKER", "")
+TICKS_DIR = os.path.join(tempfile.gettempdir(), "packmule-conformance-ticks" + (f"-{_XDIST}" if _XDIST else ""))
+if _XDIST and "xdist" in sys.modules:  # (the xdist process removes it at its end; its workers leave it)
+    atexit.register(shutil.rmtree, TICKS_DIR, True)
 
 
 def ticks_file(key: str) -> str:
