@@ -571,6 +571,25 @@ def test_a_value_larger_than_memcached_takes_is_refused_naming_the_fix(
     backend.store.set_many({prefix + "small": b"fine"}, 60)  # the connection is still good
 
 
+@pytest.mark.parametrize("read_size", [65536, 5])
+def test_add_many_of_thousands_of_keys_tells_each_key_whether_it_was_added(
+    backend: BeanstalkBackend, prefix: str, read_size: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (answers read 5 bytes at a time: every answer is cut between two reads)
+    monkeypatch.setattr(beanstalk.store, "RECV_BYTES", read_size)
+    # Given every third of 30,000 keys already stored (the answers come back in many reads,
+    # and the keys in between must not be mistaken for each other)
+    keys = [f"{prefix}many/{i}" for i in range(30_000)]
+    taken = keys[::3]
+    assert backend.store.add_many(dict.fromkeys(taken, b"old"), 60) == set(taken)
+    # When all of them are added, a value each
+    added = backend.store.add_many({k: b"new %d" % i for i, k in enumerate(keys)}, 60)
+    # Then exactly the keys not stored before were added, and those kept their values
+    assert added == set(keys) - set(taken)
+    got = backend.store.get_many(keys)
+    assert all(got[k] == (b"old" if i % 3 == 0 else b"new %d" % i) for i, k in enumerate(keys))
+
+
 def test_store_reconnects_after_memcached_restarts(
     env: dict[str, str], make_backend: Callable[..., BeanstalkBackend], prefix: str,
 ) -> None:
