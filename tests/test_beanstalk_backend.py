@@ -590,6 +590,25 @@ def test_add_many_of_thousands_of_keys_tells_each_key_whether_it_was_added(
     assert all(got[k] == (b"old" if i % 3 == 0 else b"new %d" % i) for i, k in enumerate(keys))
 
 
+@pytest.mark.parametrize("read_size", [65536, 5])
+def test_values_and_counts_come_back_whole_however_the_answers_are_cut(
+    backend: BeanstalkBackend, prefix: str, read_size: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(beanstalk.store, "RECV_BYTES", read_size)
+    # Given a value of 900 KB beside a small one and a counter
+    big = os.urandom(900_000)
+    backend.store.set_many({prefix + "big": big, prefix + "small": b"s", prefix + "n": 5}, 60)
+    # Then a get gives back each stored value whole, and nothing for a missing key
+    assert backend.store.get_many([prefix + "big", prefix + "missing", prefix + "small"]) == {
+        prefix + "big": big, prefix + "small": b"s"}
+    # and counts rise, with None for a counter that is not there
+    assert backend.store.incr_many({prefix + "n": 3, prefix + "none": 1}) == {prefix + "n": 8, prefix + "none": None}
+    # and a count of a value that is no number is refused, the connection still good after it
+    with pytest.raises(ValueError, match="refused a command"):
+        backend.store.incr_many({prefix + "small": 1})
+    assert backend.store.get_many([prefix + "n"]) == {prefix + "n": b"8"}
+
+
 def test_store_reconnects_after_memcached_restarts(
     env: dict[str, str], make_backend: Callable[..., BeanstalkBackend], prefix: str,
 ) -> None:
