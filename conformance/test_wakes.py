@@ -88,6 +88,7 @@ def test_the_worker_whose_commit_reaches_the_armed_count_wakes_its_channel(backe
     runner = Gated(backend=backend)
     name, gen, _ = runner.enqueue_each("wait_for", range(3), gate)[0].parts
     backend.store.set_many({prefix(name, gen) + "wake": wake_value(listener.channel, 3)}, 600)
+    backend.store.flush()  # (applied before the gate opens: the worker reads it on another connection)
     assert listener.wait(0.3) is False  # (nothing done yet)
     # When the jobs complete
     open(gate, "w").close()
@@ -109,6 +110,7 @@ def test_a_job_running_when_the_wake_is_armed_wakes_it_when_it_completes(backend
     time.sleep(0.1)  # (its batch is past the read of its keys)
     # When a wake is armed for it, and it completes
     backend.store.set_many({prefix(name, gen) + "wake": wake_value(listener.channel, 1)}, 600)
+    backend.store.flush()  # (applied before the gate opens: the worker reads it on another connection)
     open(gate, "w").close()
     # Then its worker, which reads the wake key again before a commit that long, wakes the channel
     assert listener.wait(LATE) is True
