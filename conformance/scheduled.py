@@ -19,8 +19,16 @@ import packmule
 # each other's ticks
 _XDIST = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:12] + os.environ.get("PYTEST_XDIST_WORKER", "")
 TICKS_DIR = os.path.join(tempfile.gettempdir(), "packmule-conformance-ticks" + (f"-{_XDIST}" if _XDIST else ""))
+_OWNER = os.getpid()
+
+
+def _remove_ticks_dir() -> None:
+    if os.getpid() == _OWNER:  # (a fork child of a test leaves it to the test process)
+        shutil.rmtree(TICKS_DIR, ignore_errors=True)
+
+
 if _XDIST and "xdist" in sys.modules:  # (the xdist process removes it at its end; its workers leave it)
-    atexit.register(shutil.rmtree, TICKS_DIR, True)
+    atexit.register(_remove_ticks_dir)
 
 
 def ticks_file(key: str) -> str:
