@@ -31,7 +31,7 @@ from packmule.backends.base import Put  # noqa: E402
 from packmule.backends.beanstalk import BeanstalkBackend  # noqa: E402
 from packmule.backends.beanstalk._connection import PRIORITY  # noqa: E402
 from packmule.backends.beanstalk._pool import Servers  # noqa: E402
-from packmule.backends.beanstalk.locks import MAX_IDLE  # noqa: E402
+from packmule.backends.beanstalk.locks import CONNECTED, LOST, MAX_IDLE, SUSPENDED  # noqa: E402
 from packmule.backends.beanstalk.queue import shard_index, shard_order  # noqa: E402
 from packmule.backends.beanstalk.store import MAX_TTL, expiry, memcached_key  # noqa: E402
 from pymemcache.client.base import Client as MemcacheClient  # noqa: E402
@@ -555,6 +555,25 @@ def test_ttl_below_a_second_is_rounded_up_not_down_to_never(backend: BeanstalkBa
     backend.store.set_many({prefix + "a": b"brief"}, 0.5)
     assert backend.store.get_many([prefix + "a"]) == {prefix + "a": b"brief"}
     assert eventually(lambda: backend.store.get_many([prefix + "a"]) == {}, within=3)
+
+
+def test_the_session_states_locks_compare_are_kazoos_own() -> None:
+    # (locks.py names them itself, so that a worker that takes no lock never imports kazoo)
+    from kazoo.protocol.states import KazooState
+
+    assert (CONNECTED, SUSPENDED, LOST) == (KazooState.CONNECTED, KazooState.SUSPENDED, KazooState.LOST)
+
+
+def test_a_worker_process_that_takes_no_lock_imports_no_kazoo(env: dict[str, str]) -> None:
+    # (a backend made, a value stored and read, the queue asked: what a worker's jobs do)
+    code = ("import os, sys, packmule._worker.serve, packmule.backends.beanstalk as b; "
+            "be = b.BeanstalkBackend.from_env(os.environ); be.store.set_many({'k': b'v'}, 60); "
+            "assert be.store.get_many(['k']) == {'k': b'v'}; be.queue.stats(); "
+            "print(sorted(m for m in sys.modules if m.startswith('kazoo')))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_expiry_rounds_up_and_is_at_most_30_days() -> None:
