@@ -628,6 +628,30 @@ def test_values_and_counts_come_back_whole_however_the_answers_are_cut(
     assert backend.store.get_many([prefix + "n"]) == {prefix + "n": b"8"}
 
 
+def test_a_memcached_that_closes_the_connection_halfway_through_the_answers_is_unavailable(
+    env: dict[str, str], make_backend: Callable[..., BeanstalkBackend],
+) -> None:
+    # Given a server on loopback that answers one add of three, then closes the connection
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"STORED\r\n")
+    threading.Thread(target=serve, daemon=True).start()
+    backend = make_backend({**env, "PACKMULE_MEMCACHED": f"127.0.0.1:{port}"})
+    # When three values are added, Then the add fails naming the server, and does not wait for more
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match=f"memcached at 127.0.0.1:{port}"):
+        backend.store.add_many({"a": b"1", "b": b"2", "c": b"3"}, 60)
+    assert time.monotonic() - started < 5
+    listener.close()
+
+
 def test_store_reconnects_after_memcached_restarts(
     env: dict[str, str], make_backend: Callable[..., BeanstalkBackend], prefix: str,
 ) -> None:
