@@ -1,7 +1,7 @@
 """One job's round trip beside its floor, in one run (issue 18).
 
     python benchmarks/bench_roundtrip.py [--repeat 10] [--per-round 100] [--backends local,beanstalk]
-                                         [--baseline COMMIT]
+                                         [--baseline COMMIT] [--made-runs]
 
 A round trip: enqueue one no-op job on a fresh run, block on ``deferred_result`` of
 it (``benchmarks/_jobs.py``, ``round_trip``), timed in the driver.  The floors,
@@ -18,7 +18,9 @@ coordinator; beanstalk: its own beanstalkd and memcached, one ZooKeeper, a
 ``packmule worker --concurrency 2``).  Each round runs ``--per-round`` round
 trips of every contender and floor, the order alternating between rounds.
 p50/p99 over all round trips and the ratios to the floor's p50 are printed; no
-assertion on speed.
+assertion on speed.  ``--made-runs`` adds, for each, the round trip of a job on
+a run made before (its generation in the store already): the difference is what
+making a run by name, with exact counts, costs a one-job run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from benchmarks._measure import (
 )
 
 LOCAL_FLOOR, BEANSTALK_FLOOR = "local floor: Pool(1).apply", "beanstalk floor: greenstalk echo"
+MADE = ", run made before"
 
 
 def noop(x: int) -> int:
@@ -111,9 +114,17 @@ def op_trips(n: int) -> list[float]:
     return [_jobs.round_trip(i) for i in range(n)]
 
 
+def op_made_trips(n: int) -> list[float]:
+    from benchmarks import _jobs
+
+    return [_jobs.round_trip_on_a_made_run(i) for i in range(n)]
+
+
 def main() -> None:
     ap = arguments(__doc__, repeat=10)
     ap.add_argument("--per-round", type=int, default=100, help="round trips of each contender a round")
+    ap.add_argument("--made-runs", action="store_true",
+                    help="also a job's round trip on a run made before (the cost of making a run by name)")
     a = ap.parse_args()
     backends = a.backends.split(",")
     print(load(), flush=True)
@@ -147,6 +158,9 @@ def main() -> None:
                 print(f"{label}: {child.call('setup')}", flush=True)
                 contenders[label] = functools.partial(child.call, "trips")
                 floor_of[label] = LOCAL_FLOOR if backend == "local" else BEANSTALK_FLOOR
+                if a.made_runs:
+                    contenders[label + MADE] = functools.partial(child.call, "made_trips")
+                    floor_of[label + MADE] = floor_of[label]
         took: dict[str, list[float]] = {name: [] for name in contenders}
         for r in range(a.repeat):
             order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
@@ -165,7 +179,8 @@ def main() -> None:
         row = [name, f"{p50:.3f}", f"{p99:.3f}", f"{max(values) * 1e3:.1f}"]
         if name in floor_of:
             f50, f99 = pct(took[floor_of[name]], 50) * 1e3, pct(took[floor_of[name]], 99) * 1e3
-            today = pct(took["today " + name.rsplit(" ", 1)[-1]], 50) * 1e3
+            base, made = name.removesuffix(MADE), MADE if name.endswith(MADE) else ""
+            today = pct(took["today " + base.rsplit(" ", 1)[-1] + made], 50) * 1e3
             # the floor wanders between rounds (a core's wake-up from idle): the ratio within each round too
             rounds = sorted(round_p50(values, r) / round_p50(took[floor_of[name]], r) for r in range(a.repeat))
             row += [f"{p50 / f50:.2f}x", f"{median(rounds):.2f}x ({rounds[0]:.1f}-{rounds[-1]:.1f})",

@@ -64,6 +64,13 @@ class Faulty(packmule.Runner):
         _job.FAULTS["after_add"] = lambda: time.sleep(seconds)
         return x
 
+    def paused_after_add(self, x: int, path: str, go: str) -> int:
+        """Returns ``x``; its worker then waits in the commit after storing the
+        value, before counting it done (a line in ``path``.paused says so), until
+        the file ``go`` exists (20 s at most)."""
+        _job.FAULTS["after_add"] = lambda: _pause(path + ".paused", go, 20)
+        return x
+
     def killed_after_add(self, x: int, path: str) -> int:
         """Returns ``x``; the first time, its worker is killed after storing the
         value, before counting it done."""

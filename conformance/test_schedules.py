@@ -160,6 +160,8 @@ def test_a_scheduler_that_dies_inside_a_tick_leaves_it_to_another_and_it_fires_o
     clock.now += timedelta(seconds=1)
     other.run_pass()
     assert len(other.queued) == (2 if crashing is CrashBeforeQueue else 1)
+    # (and runs: nothing of this test's is left to note a tick during the next test)
+    _wait_runs(harness, Crashy, [other.queued[-1]])
 
 
 # --- DST -------------------------------------------------------------------------------------------------------

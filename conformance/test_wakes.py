@@ -16,8 +16,9 @@ from packmule.backends.base import Backend, Listener
 from packmule._model.keys import prefix
 from packmule._model.wake import wake_value
 
+from .faulty import Faulty
 from .harness import Harness
-from .runners import Gated
+from .runners import Gated, lines
 
 LATE = 10.0  # s within which a wake must arrive (it takes a millisecond; a loaded machine is slow)
 WAIT = 30
@@ -113,6 +114,26 @@ def test_a_job_running_when_the_wake_is_armed_wakes_it_when_it_completes(backend
     backend.store.flush()  # (applied before the gate opens: the worker reads it on another connection)
     open(gate, "w").close()
     # Then its worker, which reads the wake key again before a commit that long, wakes the channel
+    assert listener.wait(LATE) is True
+    assert runner.update_progress() == "1.0 / 1.0"
+
+
+def test_a_wake_armed_while_a_worker_commits_the_last_value_wakes_when_it_counts(backend: Backend, tmp_path) -> None:
+    # Given a job whose worker stored its value and is held before counting it done
+    # (a commit of a big batch: thousands of values signed and added take a while)
+    listener = _listener(backend)
+    path, go = str(tmp_path / "job"), str(tmp_path / "go")
+    runner = Faulty(backend=backend)
+    name, gen, _ = runner.enqueue("paused_after_add", 7, path, go).parts
+    deadline = time.monotonic() + LATE
+    while not lines(path + ".paused"):
+        assert time.monotonic() < deadline, "the worker never reached its commit"
+        time.sleep(0.01)
+    # When a driver arms the wake for it then, and the commit goes on
+    backend.store.set_many({prefix(name, gen) + "wake": wake_value(listener.channel, 1)}, 600)
+    backend.store.flush()  # (applied before the worker goes on: it reads it on another connection)
+    open(go, "w").close()
+    # Then the worker, reading the wake key again just before its counts, wakes the channel
     assert listener.wait(LATE) is True
     assert runner.update_progress() == "1.0 / 1.0"
 

@@ -109,6 +109,8 @@ DEFECTS = [
            "        if not self.record_return_values:\n            store.set_many(dict.fromkeys([*reader.keys",
            "        values = sorted(values)\n"
            "        if not self.record_return_values:\n            store.set_many(dict.fromkeys([*reader.keys"),
+    Defect("a wake armed while a commit runs is missed (no re-read before the counts)", "packmule/_worker/commit.py",
+           "        self.wakes.reread(self.store)  # (a driver may have armed while the batch ran)\n", ""),
     Defect("workers ignore cancel()", "packmule/_worker/engine.py",
            '        if p + "cancel" in got:\n            return [Outcome(item, t, p, "ack") for t in tasks]\n', ""),
     Defect("forget() leaves the old generation's counters", "packmule/_model/census.py",

@@ -590,12 +590,17 @@ def test_a_value_larger_than_memcached_takes_is_refused_naming_the_fix(
     backend.store.set_many({prefix + "small": b"fine"}, 60)  # the connection is still good
 
 
-@pytest.mark.parametrize("read_size", [65536, 5])
+@pytest.fixture(params=[65536, 5])
+def cut_reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The most the store reads of memcached's answers at once: 5 cuts every answer between reads."""
+    monkeypatch.setattr(beanstalk.store, "RECV_BYTES", request.param)
+    return int(request.param)
+
+
 def test_add_many_of_thousands_of_keys_tells_each_key_whether_it_was_added(
-    backend: BeanstalkBackend, prefix: str, read_size: int, monkeypatch: pytest.MonkeyPatch,
+    backend: BeanstalkBackend, prefix: str, cut_reads: int,
 ) -> None:
     # (answers read 5 bytes at a time: every answer is cut between two reads)
-    monkeypatch.setattr(beanstalk.store, "RECV_BYTES", read_size)
     # Given every third of 30,000 keys already stored (the answers come back in many reads,
     # and the keys in between must not be mistaken for each other)
     keys = [f"{prefix}many/{i}" for i in range(30_000)]
@@ -609,11 +614,9 @@ def test_add_many_of_thousands_of_keys_tells_each_key_whether_it_was_added(
     assert all(got[k] == (b"old" if i % 3 == 0 else b"new %d" % i) for i, k in enumerate(keys))
 
 
-@pytest.mark.parametrize("read_size", [65536, 5])
 def test_values_and_counts_come_back_whole_however_the_answers_are_cut(
-    backend: BeanstalkBackend, prefix: str, read_size: int, monkeypatch: pytest.MonkeyPatch,
+    backend: BeanstalkBackend, prefix: str, cut_reads: int,
 ) -> None:
-    monkeypatch.setattr(beanstalk.store, "RECV_BYTES", read_size)
     # Given a value of 900 KB beside a small one and a counter
     big = os.urandom(900_000)
     backend.store.set_many({prefix + "big": big, prefix + "small": b"s", prefix + "n": 5}, 60)
@@ -628,10 +631,39 @@ def test_values_and_counts_come_back_whole_however_the_answers_are_cut(
     assert backend.store.get_many([prefix + "n"]) == {prefix + "n": b"8"}
 
 
-def test_a_memcached_that_closes_the_connection_halfway_through_the_answers_is_unavailable(
-    env: dict[str, str], make_backend: Callable[..., BeanstalkBackend],
+def test_values_that_look_like_memcached_answers_come_back_as_stored(
+    backend: BeanstalkBackend, prefix: str, cut_reads: int,
 ) -> None:
-    # Given a server on loopback that answers one add of three, then closes the connection
+    # Given values made of the protocol's own words and line ends (a value is read by its length, not its text)
+    tricky = {prefix + "end": b"x\r\nEND\r\n", prefix + "value": b"VALUE k 0 3\r\nabc\r\n", prefix + "empty": b"",
+              prefix + "crlf": b"\r\n" * 1000}
+    backend.store.set_many(tricky, 60)
+    # Then each comes back whole, among missing keys
+    assert backend.store.get_many([prefix + "missing", *tricky, prefix + "missing2"]) == tricky
+
+
+def test_delete_many_of_thousands_of_keys_deletes_them_all_and_ignores_missing_ones(
+    backend: BeanstalkBackend, prefix: str, cut_reads: int,
+) -> None:
+    keys = [f"{prefix}del/{i}" for i in range(20_000)]
+    backend.store.set_many(dict.fromkeys(keys[::2], b"v"), 60)  # (every other key is not there)
+    backend.store.delete_many(keys)
+    assert backend.store.get_many(keys) == {}
+    backend.store.set_many({prefix + "after": b"ok"}, 60)  # the connection is still good
+    assert backend.store.get_many([prefix + "after"]) == {prefix + "after": b"ok"}
+
+
+@pytest.mark.parametrize(("call", "answer"), [
+    ("add", b"STORED\r\n"),  # one add answered of three
+    ("get", b"VALUE a 0 10\r\n12345"),  # half a value
+    ("get", b"VALUE a 0 3\r\nabc\r\nVAL"),  # half the next value's line
+    ("get", b"SERVER_ERROR out of memory\r\n"),
+    ("delete", b"DELETED\r\n"),  # one delete answered of three
+])
+def test_a_memcached_that_breaks_off_its_answers_is_unavailable(
+    env: dict[str, str], make_backend: Callable[..., BeanstalkBackend], call: str, answer: bytes,
+) -> None:
+    # Given a server on loopback that answers the start of what it was asked, then closes the connection
     import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -641,13 +673,18 @@ def test_a_memcached_that_closes_the_connection_halfway_through_the_answers_is_u
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(b"STORED\r\n")
+            conn.sendall(answer)
     threading.Thread(target=serve, daemon=True).start()
     backend = make_backend({**env, "PACKMULE_MEMCACHED": f"127.0.0.1:{port}"})
-    # When three values are added, Then the add fails naming the server, and does not wait for more
+    # When three keys are added, read or deleted, Then the call fails naming the server, and does not wait for more
     started = time.monotonic()
     with pytest.raises(BackendUnavailable, match=f"memcached at 127.0.0.1:{port}"):
-        backend.store.add_many({"a": b"1", "b": b"2", "c": b"3"}, 60)
+        if call == "add":
+            backend.store.add_many({"a": b"1", "b": b"2", "c": b"3"}, 60)
+        elif call == "get":
+            backend.store.get_many(["a", "b", "c"])
+        else:
+            backend.store.delete_many(["a", "b", "c"])
     assert time.monotonic() - started < 5
     listener.close()
 

@@ -187,7 +187,7 @@ class Connection:
         it holds a job can leave beanstalkd 1.12 never timing that job out (seen
         here: 1 run in 12 when the holder sent one more ``reserve-with-timeout 0``;
         beanstalkd issue #174 describes the same pending-timeout bug).  Bundles
-        carry up to 64 jobs an item, so one item a reserve costs little."""
+        carry up to 256 jobs an item, so one item a reserve costs little."""
         self._sock.settimeout(timeout + IO_TIMEOUT)
         try:
             self._sock.sendall(b"reserve-with-timeout %d\r\n" % timeout)

@@ -29,7 +29,8 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
@@ -85,39 +86,97 @@ def _encode(key: str, value: bytes | int) -> bytes:
     raise TypeError(f"value of {key!r} must be bytes or an int, not {type(value).__name__}")
 
 
-def _store(client: Client, verb: bytes, values: Mapping[str, bytes], expire: int) -> dict[str, bool]:
-    """``verb`` (``add`` or ``set``) of every value in one write, and whether each was stored.
-
-    pymemcache's own pipeline (``_store_cmd``) checks, serializes and formats each
-    key in Python and reads each answer in a call of its own: a worker paid about
-    a third of its time there, adding a value per job.  The keys are already
-    memcached's (``memcached_key``: printable, at most 250 bytes) and the values
-    bytes, so this only formats and parses.  (Gets and incrs parsed the same way
-    gained nothing measurable: they stay pymemcache's.)  Any error leaves the
-    connection in an unknown state: the caller (``_using``) closes it."""
-    tail = b" 0 %d " % expire
+def _connected(client: Client) -> socket.socket:
     if client.sock is None:
         client._connect()
-    sock = client.sock
-    assert sock is not None
-    sock.sendall(b"".join([b"%s %s%s%d\r\n%s\r\n" % (verb, k.encode(), tail, len(v), v) for k, v in values.items()]))
-    keys = list(values)
-    stored: dict[str, bool] = {}
+    assert client.sock is not None
+    return client.sock  # type: ignore[no-any-return]
+
+
+def _more(sock: socket.socket, size: int = 0) -> bytes:
+    """The next bytes the server sent (``size``: exactly that many, in one buffer)."""
+    if not size:
+        chunk = sock.recv(RECV_BYTES)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        return chunk
+    buf, got = bytearray(size), 0
+    view = memoryview(buf)
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise MemcacheUnexpectedCloseError()
+        got += n
+    return bytes(buf)
+
+
+def _answers(client: Client, request: bytes, count: int, verb: bytes, expected: tuple[bytes, ...]) -> list[bytes]:
+    """Send a pipelined ``request`` of ``count`` commands and read their one-line
+    answers, each one of ``expected`` (SERVER_ERROR and CLIENT_ERROR raise theirs).
+
+    pymemcache's own pipelines check, serialize and format each key in Python
+    and read each answer in a call of its own: a worker paid about a third of
+    its time there, adding a value per job.  The keys are already memcached's
+    (``memcached_key``: printable, at most 250 bytes) and the values bytes, so
+    this only formats and parses.  Any error leaves the connection in an
+    unknown state: the caller (``_using``) closes it."""
+    sock = _connected(client)
+    sock.sendall(request)
+    out: list[bytes] = []
     buf, pos = b"", 0
-    while len(stored) < len(keys):
+    while len(out) < count:
         end = buf.find(b"\r\n", pos)
         if end < 0:
-            chunk = sock.recv(RECV_BYTES)
-            if not chunk:
-                raise MemcacheUnexpectedCloseError()
-            buf, pos = buf[pos:] + chunk, 0
+            buf, pos = buf[pos:] + _more(sock), 0
             continue
         line, pos = buf[pos:end], end + 2
-        if line not in (b"STORED", b"NOT_STORED"):
-            client._raise_errors(line, verb)  # SERVER_ERROR and CLIENT_ERROR raise theirs
+        if line not in expected:
+            client._raise_errors(line, verb)
             raise MemcacheUnknownError(line[:32])
-        stored[keys[len(stored)]] = line == b"STORED"
-    return stored
+        out.append(line)
+    return out
+
+
+def _store(client: Client, verb: bytes, values: Mapping[str, bytes], expire: int) -> dict[str, bool]:
+    """``verb`` (``add`` or ``set``) of every value in one write, and whether each was stored."""
+    tail = b" 0 %d " % expire
+    request = b"".join([b"%s %s%s%d\r\n%s\r\n" % (verb, k.encode(), tail, len(v), v) for k, v in values.items()])
+    answers = _answers(client, request, len(values), verb, (b"STORED", b"NOT_STORED"))
+    return {key: answer == b"STORED" for key, answer in zip(values, answers, strict=True)}
+
+
+def _delete(client: Client, keys: Iterable[str]) -> None:
+    request = b"".join([b"delete %s\r\n" % key.encode() for key in keys])
+    _answers(client, request, request.count(b"\r\n"), b"delete", (b"DELETED", b"NOT_FOUND"))
+
+
+def _get(client: Client, keys: Iterable[str]) -> dict[str, bytes]:
+    """The values of the keys that are there, in one request (``get k1 k2 ...``):
+    ``VALUE <key> <flags> <bytes>``, the value and CRLF for each found, then ``END``."""
+    sock = _connected(client)
+    sock.sendall(b"get %s\r\n" % " ".join(keys).encode())
+    found: dict[str, bytes] = {}
+    buf, pos = b"", 0
+    while True:
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            buf, pos = buf[pos:] + _more(sock), 0
+            continue
+        line = buf[pos:end]
+        if line == b"END":
+            return found
+        head = line.split(b" ")
+        if len(head) != 4 or head[0] != b"VALUE" or not head[3].isdigit():
+            client._raise_errors(line, b"get")
+            raise MemcacheUnknownError(line[:32])
+        start = end + 2
+        stop = start + int(head[3])
+        if len(buf) < stop + 2:  # (the rest of the value, in one read of exactly its size)
+            buf, start, stop = buf[start:] + _more(sock, stop + 2 - len(buf)), 0, stop - start
+        if buf[stop:stop + 2] != b"\r\n":
+            raise MemcacheUnknownError(b"a value not followed by CRLF")
+        found[head[1].decode()] = buf[start:stop]
+        pos = stop + 2
 
 
 class MemcachedStore(Store):
@@ -217,8 +276,10 @@ class MemcachedStore(Store):
         found: dict[str, bytes] = {}
 
         def get(index: int, names: dict[str, str]) -> None:
+            if not names:
+                return
             with self._using(index) as client:
-                values = client.get_many(list(names))
+                values = _get(client, names)
             found.update((names[mkey], value) for mkey, value in values.items())
         self._each(keys, get)
         return found
@@ -265,7 +326,7 @@ class MemcachedStore(Store):
     def delete_many(self, keys: Sequence[str]) -> None:
         def delete(index: int, names: dict[str, str]) -> None:
             with self._using(index) as client:
-                client.delete_many(list(names), noreply=False)
+                _delete(client, names)
         self._each(keys, delete)
 
     def close(self) -> None:

@@ -3,9 +3,10 @@
 A driver that waits for a run's ``done`` counter to reach a number writes, in
 the run's ``wake`` key, its listener's channel and that number (``Waiter.arm``
 in ``packmule._driver.waiting``).  A worker reads the key with what its batch
-needs anyway (one bulk get), and again before its commit when the batch ran
-long enough for a driver to have armed meanwhile; the commit whose ``incr`` of
-``done`` crosses the number wakes the channel (``Queue.wake``).  ``incr``
+needs anyway (one bulk get), and again just before its commit's counts when the
+batch and its value adds took long enough for a driver to have armed meanwhile
+(``Wakes.reread``); the commit whose ``incr`` of ``done`` crosses the number
+wakes the channel (``Queue.wake``).  ``incr``
 results are distinct, so one commit crosses it.  A wake lost to a worker's
 death, or to a driver that armed just after a short batch read the key, costs
 only the wait's periodic look (``waiting.LOOK_EVERY``)."""
@@ -13,14 +14,16 @@ only the wait's periodic look (``waiting.LOOK_EVERY``)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Mapping
 
 from packmule._core.errors import BackendUnavailable
 from packmule.backends.base import Queue, Store
 
-__all__ = ["MAX_WAKERS", "REREAD_AFTER", "arm", "arm_many", "armed", "crossed", "wake_crossed", "wake_value"]
+__all__ = ["MAX_WAKERS", "REREAD_AFTER", "Wakes", "arm", "arm_many", "armed", "crossed", "wake_crossed",
+           "wake_value"]
 
-REREAD_AFTER = 0.005  # s: a batch longer than this reads its runs' wake keys again before its commit
+REREAD_AFTER = 0.005  # s: a batch longer than this reads its runs' wake keys again before its counts
 MAX_WAKERS = 8  # channels one run's wake key holds: the drivers that armed it last
 
 
@@ -81,3 +84,29 @@ def wake_crossed(queue: Queue, wakes: Mapping[str, list[tuple[str, int]]], resul
     if channels:
         with contextlib.suppress(BackendUnavailable):
             queue.wake(channels)
+
+
+class Wakes:
+    """A worker batch's waiting drivers: run prefix -> (channel, done count to
+    wake it at), as read from its runs' wake keys at ``read_at``."""
+
+    __slots__ = ("read_at", "runs", "waiters")
+
+    def __init__(self, got: Mapping[str, bytes] = {}, runs: Iterable[str] = ()) -> None:
+        self.runs = set(runs)
+        self.waiters = armed(got, self.runs)
+        self.read_at = time.monotonic()
+
+    def reread(self, store: Store) -> None:
+        """Read the wake keys again if a driver could have armed one since they
+        were read (REREAD_AFTER): called just before the counts, so that a batch
+        whose jobs and value adds outlast the driver's settling polls after it
+        arms (``waiting.ARM_SETTLE``) still wakes it, not its periodic look."""
+        if self.runs and time.monotonic() - self.read_at > REREAD_AFTER:
+            with contextlib.suppress(BackendUnavailable):  # (then its periodic look finds the run done)
+                self.waiters = armed(store.get_many([p + "wake" for p in self.runs]), self.runs)
+                self.read_at = time.monotonic()
+
+    def wake_crossed(self, queue: Queue, results: Mapping[str, int | None], deltas: Mapping[str, int]) -> None:
+        if self.waiters:
+            wake_crossed(queue, self.waiters, results, deltas)

@@ -28,7 +28,7 @@ from packmule.backends.base import Put
 __all__ = ["BUNDLE", "MAX_BYTES", "Entries", "Entry", "Task", "count", "decode", "encode", "expand", "pack", "shard",
            "split_path"]
 
-BUNDLE = 64  # jobs per queue item, at most
+BUNDLE = 256  # jobs per queue item, at most
 MAX_BYTES = 48_000  # a bundle bigger than this is split (beanstalkd's default limit is 65,535)
 
 

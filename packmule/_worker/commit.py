@@ -23,7 +23,7 @@ from packmule._model.job import FAULTS, fault
 from packmule._model.keys import blob_key, job_id
 from packmule._model.records import GONE
 from packmule._model.registry import STATS
-from packmule._model.wake import wake_crossed
+from packmule._model.wake import Wakes
 from packmule._transport.codec import Signer, dumps
 from packmule._transport.spill import gather, spill_values
 from packmule._transport.wire import Task, encode
@@ -53,7 +53,7 @@ class Committer:
     watchdog: Watchdog
     max_payload: int
     delay_scale: float
-    wakes: dict[str, list[tuple[str, int]]] = {}  # run prefix -> drivers to wake (``_model.wake``)
+    wakes = Wakes()  # the batch's waiting drivers (``_model.wake``)
 
     def commit(self, outcomes: list[Outcome]) -> None:
         """Commit a batch's effects, in the order that loses nothing when the
@@ -71,13 +71,13 @@ class Committer:
         counts = self._count(won, valued, enqueued)
         if counts.handoffs:  # inputs consumed (marked gone) before the counts: the run is as it ends when complete
             self.store.set_many(counts.handoffs, self.ttl)
+        self.wakes.reread(self.store)  # (a driver may have armed while the batch ran)
         results = self._count_failures(counts)  # (before done: a run that reads complete lists its failures)
         rest = {key: delta for key, delta in counts.deltas.items() if key not in results}
         results.update(self.store.incr_many(rest) if rest else {})
         if FAULTS:
             fault("after_counts")
-        if self.wakes:
-            wake_crossed(self.queue, self.wakes, results, counts.deltas)
+        self.wakes.wake_crossed(self.queue, results, counts.deltas)
         for key, delta in counts.deltas.items():
             if key.endswith(("/done", "/failed")):  # (the totals a dashboard shows: jobs this worker completed)
                 STATS.counted(key.rpartition("/")[2], delta)

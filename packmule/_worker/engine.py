@@ -19,7 +19,6 @@ This module runs the batch; ``packmule._worker.commit`` commits it (``Engine``'s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -160,9 +159,7 @@ class Engine(Committer):
         for item, _, tasks in bundles:
             self.watchdog.hold(item.handle, tasks[0].ttr)
         got, specs, recs, trail = self._fetch(bundles)
-        fetched = time.monotonic()
-        runs = {p for _, p, _ in bundles}
-        self.wakes = _wakes.armed(got, runs)
+        self.wakes = _wakes.Wakes(got, {p for _, p, _ in bundles})
         outcomes: list[Outcome] = []
         bundles = self._set_aside_crashers(bundles, outcomes, got, specs)
         self._split_unknown(bundles, outcomes)
@@ -204,9 +201,6 @@ class Engine(Committer):
         took = (time.monotonic() - started) / max(ran, 1)
         for method in {tasks[0].method for _, _, tasks in bundles if tasks[0].method is not None}:
             self._speed[method] = 0.5 * self._speed.get(method, took) + 0.5 * took
-        if time.monotonic() - fetched > _wakes.REREAD_AFTER:  # (a driver may have armed meanwhile)
-            with contextlib.suppress(BackendUnavailable):  # (then its periodic look finds the run done)
-                self.wakes = _wakes.armed(self.store.get_many([p + "wake" for p in runs]), runs)
         self.commit_safely(outcomes)
         return ran
 
