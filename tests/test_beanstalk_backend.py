@@ -533,6 +533,28 @@ def test_keys_memcached_cannot_hold_are_hashed_consistently(
         raw.close()
 
 
+def test_what_packmule_stores_another_memcached_client_reads_the_same_and_the_other_way(
+    env: dict[str, str], make_backend: Callable[..., BeanstalkBackend], memcached: Memcached, prefix: str,
+) -> None:
+    # (packmule speaks memcached's text protocol itself: pymemcache, a client of its own, checks it)
+    backend = make_backend(env)
+    ours = {prefix + "big": os.urandom(900_000), prefix + "small": b"s", prefix + "empty": b"",
+            prefix + "lines": b"END\r\nSTORED\r\n"}
+    theirs = {prefix + "t-big": os.urandom(500_000), prefix + "t-small": b"t", prefix + "n": b"5"}
+    backend.store.set_many(ours, 60)
+    raw = MemcacheClient(("127.0.0.1", memcached.port))
+    try:
+        assert raw.get_many(list(ours)) == ours
+        raw.set_many(theirs, expire=60)
+        assert backend.store.get_many([*theirs, prefix + "missing"]) == theirs
+        assert backend.store.incr_many({prefix + "n": 2}) == {prefix + "n": 7}
+        assert raw.get(prefix + "n") == b"7"
+        backend.store.delete_many([prefix + "small", prefix + "t-small"])
+        assert raw.get_many([prefix + "small", prefix + "t-small"]) == {}
+    finally:
+        raw.close()
+
+
 def test_keys_are_spread_over_two_memcached_servers_listed_in_any_order(
     env: dict[str, str], make_backend: Callable[..., BeanstalkBackend],
     memcached: Memcached, memcached2: Memcached, prefix: str,
@@ -564,16 +586,36 @@ def test_the_session_states_locks_compare_are_kazoos_own() -> None:
     assert (CONNECTED, SUSPENDED, LOST) == (KazooState.CONNECTED, KazooState.SUSPENDED, KazooState.LOST)
 
 
-def test_a_worker_process_that_takes_no_lock_imports_no_kazoo(env: dict[str, str]) -> None:
-    # (a backend made, a value stored and read, the queue asked: what a worker's jobs do)
+def test_a_worker_process_that_takes_no_lock_imports_no_kazoo_and_loads_no_openssl(env: dict[str, str]) -> None:
+    # (a backend made, a value signed, stored, read and checked, the queue asked: what a worker's jobs do;
+    # OpenSSL's start-up costs each worker process about 3.6 MiB, packmule._core.digests)
     code = ("import os, sys, packmule._worker.serve, packmule.backends.beanstalk as b; "
-            "be = b.BeanstalkBackend.from_env(os.environ); be.store.set_many({'k': b'v'}, 60); "
-            "assert be.store.get_many(['k']) == {'k': b'v'}; be.queue.stats(); "
-            "print(sorted(m for m in sys.modules if m.startswith('kazoo')))")
+            "from packmule._transport.codec import signer_for; "
+            "be = b.BeanstalkBackend.from_env(os.environ); s = signer_for(be); "
+            "be.store.set_many({'k': s.dumps(['v'] * 10)}, 60); "
+            "assert s.loads(be.store.get_many(['k'])['k']) == ['v'] * 10; be.queue.stats(); "
+            "maps = open('/proc/self/maps').read(); "
+            "print(sorted(m for m in sys.modules if m.startswith('kazoo') or m in ('ssl', '_ssl', '_hashlib')), "
+            "[lib for lib in ('libcrypto', 'libssl') if lib in maps])")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] []"
+
+
+def test_hmac_sha256_without_openssl_is_hmac_s_for_every_key_and_payload_size() -> None:
+    import hmac
+
+    from packmule._core.digests import LARGE, HmacSha256
+
+    # RFC 4231, test case 2 (a short key), and keys shorter than, as long as and longer than a block
+    assert HmacSha256(b"Jefe").digest(b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    for key in (b"k", b"k" * 64, b"k" * 65, os.urandom(200)):
+        mac = HmacSha256(key)
+        for size in (0, 1, 63, 64, 65, 1000, LARGE - 1, LARGE, LARGE + 1, 3 * LARGE):
+            payload = os.urandom(size)
+            assert mac.digest(payload) == hmac.new(key, payload, "sha256").digest(), (len(key), size)
 
 
 def test_expiry_rounds_up_and_is_at_most_30_days() -> None:
@@ -593,7 +635,7 @@ def test_a_value_larger_than_memcached_takes_is_refused_naming_the_fix(
 @pytest.fixture(params=[65536, 5])
 def cut_reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """The most the store reads of memcached's answers at once: 5 cuts every answer between reads."""
-    monkeypatch.setattr(beanstalk.store, "RECV_BYTES", request.param)
+    monkeypatch.setattr(beanstalk._memcached, "RECV_BYTES", request.param)
     return int(request.param)
 
 

@@ -13,7 +13,7 @@ ledger     ZooKeeper (``/packmule/ledger``), always                ``registers.p
 Nothing connects until first use; then each thread of each process has its own
 connections (one ZooKeeper session per process), an error closes the
 connection it happened on (the next call reconnects), and every greenstalk,
-pymemcache, kazoo or socket error leaves as ``packmule.BackendUnavailable``
+memcached, kazoo or socket error leaves as ``packmule.BackendUnavailable``
 naming the server and the variable that chose it.
 """
 

@@ -26,7 +26,6 @@ Bulk commands are pipelined on greenstalk's socket (``_connection.py``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import greenstalk
 
+from packmule._core.digests import blake2b
 from packmule._core.errors import BackendUnavailable
 
 from ..base import Put, Queue, QueueStats, Reserved
@@ -47,7 +47,7 @@ log = logging.getLogger("packmule.backends.beanstalk")
 
 def _scores(shard: str, names: Sequence[str]) -> list[bytes]:
     key = b"\0" + shard.encode("utf-8", "surrogatepass")
-    return [hashlib.blake2b(name.encode() + key, digest_size=8).digest() for name in names]
+    return [blake2b(name.encode() + key, digest_size=8).digest() for name in names]
 
 
 def shard_index(shard: str, names: Sequence[str]) -> int:

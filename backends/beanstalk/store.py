@@ -1,4 +1,4 @@
-"""The shared store on one or more memcached servers, through pymemcache.
+"""The shared store on one or more memcached servers (``_memcached``: the protocol).
 
 Where a key lives is rendezvous hashing of the servers' names with, for a
 tagged key (``{tag}``, see ``backends.base.Store``), its tag, and for any other
@@ -26,29 +26,19 @@ keys never meet).  Bulk calls are one pipelined round trip per server.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import re
-import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from pymemcache.client.base import Client
-from pymemcache.exceptions import (
-    MemcacheClientError,
-    MemcacheError,
-    MemcacheServerError,
-    MemcacheUnexpectedCloseError,
-    MemcacheUnknownError,
-)
-
+from packmule._core.digests import blake2b
 from packmule._core.errors import BackendUnavailable
 
 from ..base import Store
+from . import _memcached as mc
 from ._pool import Health, Servers, ThreadConnections
 
 MAX_TTL = 30 * 24 * 3600  # s: memcached reads a longer expiry as a Unix timestamp
 IO_TIMEOUT = 30.0  # s a server may take to answer before it counts as unavailable
-RECV_BYTES = 65536  # the most ``_store`` reads of the answers at once
 HASHED_PREFIX = "pm#"
 _PLAIN_KEY = re.compile(r"[!-~]{1,250}")  # what memcached's text protocol takes as is
 
@@ -57,7 +47,7 @@ def memcached_key(key: str) -> str:
     """The key as sent to memcached (see the module docstring)."""
     if _PLAIN_KEY.fullmatch(key) and not key.startswith(HASHED_PREFIX):
         return key
-    return HASHED_PREFIX + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=32).hexdigest()
+    return HASHED_PREFIX + blake2b(key.encode("utf-8", "surrogatepass"), digest_size=32).hexdigest()
 
 
 def expiry(ttl: float) -> int:
@@ -86,99 +76,6 @@ def _encode(key: str, value: bytes | int) -> bytes:
     raise TypeError(f"value of {key!r} must be bytes or an int, not {type(value).__name__}")
 
 
-def _connected(client: Client) -> socket.socket:
-    if client.sock is None:
-        client._connect()
-    assert client.sock is not None
-    return client.sock  # type: ignore[no-any-return]
-
-
-def _more(sock: socket.socket, size: int = 0) -> bytes:
-    """The next bytes the server sent (``size``: exactly that many, in one buffer)."""
-    if not size:
-        chunk = sock.recv(RECV_BYTES)
-        if not chunk:
-            raise MemcacheUnexpectedCloseError()
-        return chunk
-    buf, got = bytearray(size), 0
-    view = memoryview(buf)
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise MemcacheUnexpectedCloseError()
-        got += n
-    return bytes(buf)
-
-
-def _answers(client: Client, request: bytes, count: int, verb: bytes, expected: tuple[bytes, ...]) -> list[bytes]:
-    """Send a pipelined ``request`` of ``count`` commands and read their one-line
-    answers, each one of ``expected`` (SERVER_ERROR and CLIENT_ERROR raise theirs).
-
-    pymemcache's own pipelines check, serialize and format each key in Python
-    and read each answer in a call of its own: a worker paid about a third of
-    its time there, adding a value per job.  The keys are already memcached's
-    (``memcached_key``: printable, at most 250 bytes) and the values bytes, so
-    this only formats and parses.  Any error leaves the connection in an
-    unknown state: the caller (``_using``) closes it."""
-    sock = _connected(client)
-    sock.sendall(request)
-    out: list[bytes] = []
-    buf, pos = b"", 0
-    while len(out) < count:
-        end = buf.find(b"\r\n", pos)
-        if end < 0:
-            buf, pos = buf[pos:] + _more(sock), 0
-            continue
-        line, pos = buf[pos:end], end + 2
-        if line not in expected:
-            client._raise_errors(line, verb)
-            raise MemcacheUnknownError(line[:32])
-        out.append(line)
-    return out
-
-
-def _store(client: Client, verb: bytes, values: Mapping[str, bytes], expire: int) -> dict[str, bool]:
-    """``verb`` (``add`` or ``set``) of every value in one write, and whether each was stored."""
-    tail = b" 0 %d " % expire
-    request = b"".join([b"%s %s%s%d\r\n%s\r\n" % (verb, k.encode(), tail, len(v), v) for k, v in values.items()])
-    answers = _answers(client, request, len(values), verb, (b"STORED", b"NOT_STORED"))
-    return {key: answer == b"STORED" for key, answer in zip(values, answers, strict=True)}
-
-
-def _delete(client: Client, keys: Iterable[str]) -> None:
-    request = b"".join([b"delete %s\r\n" % key.encode() for key in keys])
-    _answers(client, request, request.count(b"\r\n"), b"delete", (b"DELETED", b"NOT_FOUND"))
-
-
-def _get(client: Client, keys: Iterable[str]) -> dict[str, bytes]:
-    """The values of the keys that are there, in one request (``get k1 k2 ...``):
-    ``VALUE <key> <flags> <bytes>``, the value and CRLF for each found, then ``END``."""
-    sock = _connected(client)
-    sock.sendall(b"get %s\r\n" % " ".join(keys).encode())
-    found: dict[str, bytes] = {}
-    buf, pos = b"", 0
-    while True:
-        end = buf.find(b"\r\n", pos)
-        if end < 0:
-            buf, pos = buf[pos:] + _more(sock), 0
-            continue
-        line = buf[pos:end]
-        if line == b"END":
-            return found
-        head = line.split(b" ")
-        if len(head) != 4 or head[0] != b"VALUE" or not head[3].isdigit():
-            client._raise_errors(line, b"get")
-            raise MemcacheUnknownError(line[:32])
-        start = end + 2
-        stop = start + int(head[3])
-        if len(buf) < stop + 2:  # (the rest of the value, in one read of exactly its size)
-            buf, start, stop = buf[start:] + _more(sock, stop + 2 - len(buf)), 0, stop - start
-        if buf[stop:stop + 2] != b"\r\n":
-            raise MemcacheUnknownError(b"a value not followed by CRLF")
-        found[head[1].decode()] = buf[start:stop]
-        pos = stop + 2
-
-
 class MemcachedStore(Store):
     max_value = 1_000_000  # bytes: an item of a default memcached (-I 1m) holds this with its key and header
     def __init__(self, servers: Servers, connect_timeout: float) -> None:
@@ -186,18 +83,17 @@ class MemcachedStore(Store):
         self._names = servers.names
         self._hash_names = [server_id.encode() + b"\0" for server_id in servers.ids]
         self._connect_timeout = connect_timeout
-        self._pool: ThreadConnections[Client] = ThreadConnections(self._client)
+        self._pool: ThreadConnections[mc.Connection] = ThreadConnections(self._client)
         self.health = Health(servers, "memcached", b"version\r\n", connect_timeout)
 
-    def _client(self, index: int) -> Client:
-        """A pymemcache client (it connects on first use, and again after an error)."""
-        return Client(self.servers.addresses[index], connect_timeout=self._connect_timeout,
-                      timeout=IO_TIMEOUT, no_delay=True, default_noreply=False)
+    def _client(self, index: int) -> mc.Connection:
+        """A connection (made on first use, and again after an error)."""
+        return mc.Connection(self.servers.addresses[index], self._connect_timeout, IO_TIMEOUT)
 
     def _rank(self, text: str) -> list[int]:
         """The servers in rendezvous order for ``text`` (a tag or a memcached key)."""
         encoded = text.encode()
-        scores = [hashlib.blake2b(name + encoded, digest_size=8).digest() for name in self._hash_names]
+        scores = [blake2b(name + encoded, digest_size=8).digest() for name in self._hash_names]
         return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
 
     def _index(self, key: str, mkey: str, tags: dict[str, int]) -> int:
@@ -242,9 +138,9 @@ class MemcachedStore(Store):
         return len(self._names) == 1 or self.health.up(self._rank(tag)[0])
 
     @contextlib.contextmanager
-    def _using(self, index: int, values: Mapping[str, bytes] | None = None) -> Iterator[Client]:
-        """This thread's client for server ``index``, its errors translated.
-        After any error the client is closed; it reconnects on its next use.
+    def _using(self, index: int, values: Mapping[str, bytes] | None = None) -> Iterator[mc.Connection]:
+        """This thread's connection to server ``index``, its errors translated.
+        After any error the connection is closed; it is made again on its next use.
         A server set aside is not asked (while another is up): it fails at once."""
         if not self.health.up(index) and self.health.live():
             raise self.health.unavailable(index)
@@ -254,16 +150,16 @@ class MemcachedStore(Store):
             yield client
         except BaseException as exc:
             client.close()
-            if isinstance(exc, MemcacheServerError) and "too large" in str(exc) and values:
+            if isinstance(exc, mc.ServerError) and "too large" in str(exc) and values:
                 size, mkey = max((len(v), k) for k, v in values.items())
                 raise ValueError(
                     f"memcached at {server} refused a value as too large (the largest sent was "
                     f"{size} bytes, for {mkey!r}); start memcached with a larger -I (item size, "
                     f"default 1m), or store less under one key"
                 ) from None
-            if isinstance(exc, MemcacheClientError):
+            if isinstance(exc, mc.ClientError):
                 raise ValueError(f"memcached at {server} refused a command: {exc}") from exc
-            if isinstance(exc, (MemcacheError, OSError)):
+            if isinstance(exc, (mc.MemcachedError, OSError)):
                 if len(self._names) > 1:
                     self.health.set_aside(index, exc)
                 raise self.servers.unavailable("memcached", server, exc) from exc
@@ -279,7 +175,7 @@ class MemcachedStore(Store):
             if not names:
                 return
             with self._using(index) as client:
-                values = _get(client, names)
+                values = mc.get(client, names)
             found.update((names[mkey], value) for mkey, value in values.items())
         self._each(keys, get)
         return found
@@ -290,7 +186,7 @@ class MemcachedStore(Store):
         def put(index: int, names: dict[str, str]) -> None:
             values = {mkey: _encode(key, items[key]) for mkey, key in names.items()}
             with self._using(index, values) as client:
-                _store(client, b"set", values, expire)
+                mc.store(client, b"set", values, expire)
         self._each(items, put)
 
     def add_many(self, items: Mapping[str, bytes | int], ttl: float) -> set[str]:
@@ -300,7 +196,7 @@ class MemcachedStore(Store):
         def add(index: int, names: dict[str, str]) -> None:
             values = {mkey: _encode(key, items[key]) for mkey, key in names.items()}
             with self._using(index, values) as client:
-                stored = _store(client, b"add", values, expire)
+                stored = mc.store(client, b"add", values, expire)
             added.update(names[mkey] for mkey, ok in stored.items() if ok)
         self._each(items, add)
         return added
@@ -313,20 +209,16 @@ class MemcachedStore(Store):
 
         def incr(index: int, names: dict[str, str]) -> None:
             # (memcached's decr stops at 0, as the interface asks)
-            commands = [b"%s %s %d\r\n" % (b"incr" if deltas[key] >= 0 else b"decr", mkey.encode(),
-                                            abs(deltas[key])) for mkey, key in names.items()]
             with self._using(index) as client:
-                # pymemcache's incr() is one round trip per key; _misc_cmd pipelines them.
-                answers = client._misc_cmd(commands, b"incr", False)
-            for key, answer in zip(names.values(), answers, strict=True):
-                results[key] = None if answer == b"NOT_FOUND" else int(answer)
+                answers = mc.incr(client, {mkey: deltas[key] for mkey, key in names.items()})
+            results.update(zip(names.values(), answers, strict=True))
         self._each(deltas, incr)
         return results
 
     def delete_many(self, keys: Sequence[str]) -> None:
         def delete(index: int, names: dict[str, str]) -> None:
             with self._using(index) as client:
-                _delete(client, names)
+                mc.delete(client, names)
         self._each(keys, delete)
 
     def close(self) -> None:

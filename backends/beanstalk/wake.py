@@ -18,7 +18,6 @@ and ``put``, pipelined) on a connection this thread keeps per server.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import socket
 import threading
@@ -78,7 +77,7 @@ class _Line:
 class BeanstalkListener(Listener):
     def __init__(self, servers: Servers, index: int, timeout: float) -> None:
         self.pid = os.getpid()
-        self.tube = f"{PREFIX}{secrets.token_hex(8)}"
+        self.tube = f"{PREFIX}{os.urandom(8).hex()}"
         self.channel = f"{servers.ids[index]}|{self.tube}"
         self.conn = _Line(servers.addresses[index], timeout)
         self.pending = False  # a reserve sent whose answer is not read yet

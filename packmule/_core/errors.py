@@ -11,7 +11,7 @@
     └── BackendUnavailable   a server cannot be reached; names the server and the setting
 
 Bad arguments raise ``ValueError``/``TypeError`` as Python users expect.  Errors
-of greenstalk, pymemcache, kazoo and multiprocessing are translated into these at
+of greenstalk, memcached, kazoo and multiprocessing are translated into these at
 the backend boundary.
 """
 

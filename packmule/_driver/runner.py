@@ -3,7 +3,6 @@ the worker's side is ``packmule._worker.engine``."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import cloudpickle
 
 from packmule._core import config as _config
+from packmule._core.digests import blake2b
 from packmule._core.errors import (
     BackendUnavailable,
     Cancelled,
@@ -143,7 +143,7 @@ class Runner(Enqueuer, Waits, Awaits, OnCommit):
         except Exception as exc:
             raise TypeError(f"cannot serialize the runner {self!r} ({type(exc).__name__}: {exc}); "
                             "every attribute of a runner must be picklable by cloudpickle") from exc
-        digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
+        digest = blake2b(payload, digest_size=16).hexdigest()
         return digest, signer_for(self.backend).sign(payload)
 
     def _job_context(self) -> JobContext | None:

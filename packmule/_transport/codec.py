@@ -11,24 +11,16 @@ secret signed a blob, so that a worker that refuses a job can say whose it was.
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import pickle
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from packmule._core.digests import HmacSha256, blake2b, compare_digest
+
 if TYPE_CHECKING:
     from packmule.backends.base import Backend
-
-try:
-    # OpenSSL's HMAC object itself, not the pure-Python hmac.HMAC wrapper around
-    # it: copying it per blob costs a third as much (a value is signed on a
-    # worker and checked on the driver, so this is paid per job)
-    from _hashlib import hmac_new as _hmac_new
-except ImportError:  # no OpenSSL-backed _hashlib: the same HMAC, slower
-    _hmac_new = hmac.new  # type: ignore[assignment]
 
 __all__ = ["HEAD", "KEY_ID", "PROTOCOL", "TAG", "Forged", "Signer", "dumps", "key_id", "signer_for"]
 
@@ -48,7 +40,7 @@ class Forged(ValueError):
 
 
 def key_id(secret: bytes) -> bytes:
-    return hashlib.blake2b(secret, digest_size=KEY_ID, person=b"packmule-keyid").digest()
+    return blake2b(secret, digest_size=KEY_ID, person=b"packmule-keyid").digest()
 
 
 def dumps(obj: Any) -> bytes:
@@ -67,12 +59,12 @@ def dumps(obj: Any) -> bytes:
 class Signer:
     """Signs and checks blobs with one secret."""
 
-    __slots__ = ("_inner", "key_id")
+    __slots__ = ("_mac", "key_id")
 
     def __init__(self, secret: bytes) -> None:
         if not secret:
             raise ValueError("the signing secret is empty")
-        self._inner = _hmac_new(secret, digestmod="sha256")
+        self._mac = HmacSha256(secret)  # (``packmule._core.digests``: no OpenSSL for small payloads)
         self.key_id = key_id(secret)
 
     def sign(self, payload: bytes) -> bytes:
@@ -80,12 +72,8 @@ class Signer:
 
     def sign_many(self, payloads: Iterable[bytes]) -> list[bytes]:
         """``sign`` of each payload, in one call (a worker signs a value per job)."""
-        inner, kid, out = self._inner, self.key_id, []
-        for payload in payloads:
-            mac = inner.copy()
-            mac.update(payload)
-            out.append(kid + mac.digest() + payload)
-        return out
+        mac, kid = self._mac.digest, self.key_id
+        return [kid + mac(payload) + payload for payload in payloads]
 
     def payload(self, blob: bytes) -> bytes:
         """The payload of a correctly signed blob; :class:`Forged` otherwise."""
@@ -94,12 +82,10 @@ class Signer:
     def payloads(self, blobs: Iterable[bytes]) -> list[bytes]:
         """``payload`` of each blob, in one call: a driver checks its values by
         the thousand, and two Python calls per value would cost a sixth more."""
-        inner, out = self._inner, []
+        mac, out = self._mac.digest, []
         for blob in blobs:
             payload = blob[HEAD:]
-            mac = inner.copy()
-            mac.update(payload)
-            if len(blob) < HEAD or not hmac.compare_digest(mac.digest(), blob[KEY_ID:HEAD]):
+            if len(blob) < HEAD or not compare_digest(mac(payload), blob[KEY_ID:HEAD]):
                 claimed = blob[:KEY_ID].hex() if len(blob) >= HEAD else ""
                 raise Forged("signature mismatch: not made with this PACKMULE_SECRET (or tampered with)", claimed)
             out.append(payload)

@@ -15,10 +15,10 @@ gone (memcached evicted it or restarted) is reported as ``RunStateLost``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 from packmule._core import config as _config
+from packmule._core.digests import blake2b
 from packmule._core.errors import RunStateLost
 from packmule._transport.codec import HEAD, Signer
 from packmule._transport.wire import shard_gen
@@ -31,7 +31,7 @@ CHUNK = 500_000  # bytes a chunk holds at most: well inside a default memcached 
 
 
 def _digest(blob: bytes) -> str:
-    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+    return blake2b(blob, digest_size=12).hexdigest()
 
 
 def _limit(own: int | None) -> int | None:
