@@ -545,7 +545,7 @@ def test_what_packmule_stores_another_memcached_client_reads_the_same_and_the_ot
     raw = MemcacheClient(("127.0.0.1", memcached.port))
     try:
         assert raw.get_many(list(ours)) == ours
-        raw.set_many(theirs, expire=60)
+        assert raw.set_many(theirs, expire=60, noreply=False) == []  # (stored before packmule reads)
         assert backend.store.get_many([*theirs, prefix + "missing"]) == theirs
         assert backend.store.incr_many({prefix + "n": 2}) == {prefix + "n": 7}
         assert raw.get(prefix + "n") == b"7"
