@@ -305,6 +305,7 @@ class Proxy:
         self.port = free_port()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._lock = threading.Lock()  # (a connection accepted while cut() runs is closed, not kept)
         self.resume()
 
     @property
@@ -316,20 +317,26 @@ class Proxy:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
         if listener is not None:
             with contextlib.suppress(OSError):  # wakes the accept() of _accept: close() alone leaves
                 listener.shutdown(socket.SHUT_RDWR)  # it blocked, and the port still accepting
             listener.close()
-        for conn in self._conns:
+        self._drop(conns)
+
+    @staticmethod
+    def _drop(conns: list[socket.socket]) -> None:
+        for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
-        self._conns.clear()
 
     close = cut
 
@@ -344,7 +351,13 @@ class Proxy:
             except OSError:
                 client.close()
                 continue
-            self._conns += [client, server]
+            with self._lock:  # (cut meanwhile: a client that got through while the others
+                kept = self._listener is listener  # were cut would keep its session alive)
+                if kept:
+                    self._conns += [client, server]
+            if not kept:
+                self._drop([client, server])
+                return
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 

@@ -309,8 +309,7 @@ def test_leaving_a_block_whose_session_expired_meanwhile_raises_backend_unavaila
             for proxy in proxies:
                 proxy.cut()
             out = SPAWN.Queue()
-            # (6 session timeouts: a loaded machine's 3 ZooKeeper JVMs once took over 3 to expire it)
-            other = SPAWN.Process(target=try_lock, args=(cluster.env, name, 6 * SESSION_TIMEOUT, out))
+            other = SPAWN.Process(target=try_lock, args=(cluster.env, name, 3 * SESSION_TIMEOUT, out))
             other.start()
             # Then its session expires, and the lock is free for others (no fencing
             # can stop the holder's block meanwhile) ...
