@@ -5,7 +5,9 @@ kept its ZooKeeper session and its lock: the expiry test failed 2 runs in 4)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import socketserver
 import threading
 import time
 
@@ -22,23 +24,20 @@ def _alive(sock: socket.socket) -> bool:
         return False
 
 
-def _echo(listener: socket.socket) -> None:
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(4096):
+                self.request.sendall(data)
 
-            def echo(c: socket.socket = conn) -> None:
-                with c:
-                    try:
-                        while data := c.recv(4096):
-                            c.sendall(data)
-                    except OSError:
-                        pass
-            threading.Thread(target=echo, daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
+
+def _echo(listener: socket.socket) -> socketserver.ThreadingTCPServer:
+    """Echo on every connection ``listener`` takes from now on; ``shutdown()`` ends it."""
+    server = socketserver.ThreadingTCPServer(listener.getsockname(), _Echo, bind_and_activate=False)
+    server.socket.close()  # (the one it made: it serves ``listener``)
+    server.socket, server.daemon_threads = listener, True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def test_a_connection_the_proxy_accepted_just_before_a_cut_does_not_get_through_after_it() -> None:
@@ -55,7 +54,7 @@ def test_a_connection_the_proxy_accepted_just_before_a_cut_does_not_get_through_
         time.sleep(0.2)
         # When the proxy is cut, and then the server takes connections again
         proxy.cut()
-        _echo(target)
+        echo = _echo(target)
         # Then the client does not get through (its connect completes after the cut)
         assert not _alive(client)
         client.close()
@@ -64,6 +63,7 @@ def test_a_connection_the_proxy_accepted_just_before_a_cut_does_not_get_through_
         again = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         assert _alive(again)
         again.close()
+        echo.shutdown()
     finally:
         proxy.close()
         filler.close()
