@@ -211,17 +211,18 @@ def test_once_the_one_worker_frees_jobs_run_in_the_order_of_their_priority(bare:
 def test_jobs_that_fall_due_while_every_worker_is_busy_run_when_one_frees(harness: Harness, tmp_path: Any) -> None:
     started, gate, path = (str(tmp_path / name) for name in ("started", "gate", "stamps"))
     busy = Timed(backend=harness.backend)
-    # Given every worker held busy: more jobs that hold one than there are workers (one queue item each),
-    # until those that started stop growing in number (a free worker would take one of the others)
-    holds = max(len(harness.pids()), harness.backend.queue.stats().workers) + 4
-    for _ in range(holds):
+    # Given every worker held busy: a job that holds one queued at a time, each once the one before
+    # runs (a worker running one takes no other, so the next goes to a free worker; queued all at
+    # once, one worker could reserve several in one batch and leave another free), then 4 more
+    workers = len(harness.pids()) or harness.backend.queue.stats().workers
+    deadline = time.monotonic() + WAIT
+    for n in range(1, workers + 5):
         busy.enqueue("hold", started, gate)
-    deadline, seen, steady_since = time.monotonic() + WAIT, -1, time.monotonic()
-    while len(lines(started)) in (0, holds) or time.monotonic() - steady_since < 1.0:
-        assert time.monotonic() < deadline, "the jobs that hold the workers did not start, or all did"
-        if len(lines(started)) != seen:
-            seen, steady_since = len(lines(started)), time.monotonic()
-        time.sleep(0.02)
+        while n <= workers and len(lines(started)) < n:
+            assert time.monotonic() < deadline, f"{n - 1} of {workers} workers took a job that holds them"
+            time.sleep(0.02)
+    time.sleep(0.5)
+    assert len(set(lines(started))) == workers, "a job that holds a worker ran twice in one process"
     runner = Timed(backend=harness.backend)
     runner.enqueue_each("stamp", [path] * 30, "due", delay=0.2)
     time.sleep(1.0)  # (they are due now; every worker is busy)
